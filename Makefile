@@ -1,0 +1,27 @@
+# Every target installs into a local virtual environment first, so a fresh machine needs only python3 and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= recipes/demo.yaml
+
+.PHONY: install demo test test-fast ui clean
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/harness demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+ui: install
+	$(VENV)/bin/harness ui
+
+clean:
+	rm -rf .harness .pytest_cache

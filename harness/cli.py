@@ -1,0 +1,136 @@
+"""The `harness` command: thin Typer wrappers that parse options and call the plain functions of each stage.
+
+Every command turns a HarnessError into one line on stderr and exit code 2 (never a traceback), Ctrl-C into 130.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+data_app = typer.Typer(no_args_is_help=True, help="Inspect image folders.")
+weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weights available offline.")
+app.add_typer(data_app, name="data")
+app.add_typer(weights_app, name="weights")
+console = Console(stderr=True)
+out = Console()
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (a study).")]
+
+
+def guarded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HarnessError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: runs in progress were marked KILLED; resume with --resume", file=sys.stderr)
+            raise typer.Exit(130)
+    return wrapper
+
+
+def _overrides(**kw) -> dict:
+    keys = {"data_root": "data.root", "image_size": "data.image_size", "epochs": "training.epochs"}
+    return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
+
+
+@app.command()
+@guarded
+def train(recipe: RecipeArg,
+          model: Annotated[Optional[str], typer.Option(help="Model name (task-backbone); default the first.")] = None,
+          backbone: Annotated[Optional[str], typer.Option(help="Override the model's backbone.")] = None,
+          weights: Annotated[Optional[str], typer.Option(help="imagenet | none | path to a weights file.")] = None,
+          epochs: Annotated[Optional[int], typer.Option(help="Override training.epochs.")] = None,
+          image_size: Annotated[Optional[int], typer.Option(help="Override data.image_size.")] = None,
+          data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
+    """Train one configuration of a recipe as one tracked MLflow run."""
+    from harness.recipe import load_recipe
+    from harness.train import train as train_fn
+
+    base = load_recipe(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs))
+    index = base.models.index(base.model(model))
+    extra = {f"models.{index}.backbone": backbone, f"models.{index}.weights": weights}
+    r = load_recipe(recipe, {**_overrides(data_root=data_root, image_size=image_size, epochs=epochs), **extra})
+    run_id = train_fn(r, r.models[index].key)
+    _print_store(r.study, f"run {run_id}")
+
+
+@app.command()
+@guarded
+def demo():
+    """Run the embedded demo study end to end on generated phantom X-rays."""
+    from harness.pipeline import demo as demo_fn
+
+    study = demo_fn(DEMO_RECIPE)
+    _print_store(study, "demo finished")
+
+
+@app.command()
+@guarded
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+       study: Annotated[Optional[str], typer.Option(help="Print the URL of this study's experiment.")] = None):
+    """Start the MLflow UI on 127.0.0.1 for the harness's store."""
+    from harness.pipeline import ui as ui_fn
+
+    ui_fn(port, study)
+
+
+@data_app.command("check")
+@guarded
+def data_check(folder: Annotated[Path, typer.Argument(help="A folder of class folders.")],
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Class counts, image sizes, colour modes and problems of a class-folder tree."""
+    from harness.data import check_folder
+
+    report = check_folder(folder)
+    if as_json:
+        out.print_json(json.dumps(report, default=lambda o: dict(o)))
+    else:
+        table = Table(title=str(folder))
+        for col in ("class", "images", "modes", "width", "height", "MB"):
+            table.add_column(col)
+        for c, s in report["classes"].items():
+            table.add_row(c, str(s["n"]), ", ".join(f"{m} {k}" for m, k in s["modes"].items()),
+                          f"{s['min_w']}–{s['max_w']}" if s["n"] else "-", f"{s['min_h']}–{s['max_h']}" if s["n"] else "-",
+                          f"{s['bytes'] / 1e6:.1f}")
+        out.print(table)
+        for p in report["problems"]:
+            out.print(f"problem: {p}", highlight=False, markup=False)
+        out.print(f"{len(report['problems'])} problem(s)")
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+@weights_app.command("list")
+@guarded
+def weights_list():
+    """Per backbone, whether ImageNet weights are available offline here, and from where."""
+    from harness.models import weights_status
+
+    table = Table()
+    for col in ("backbone", "imagenet", "source"):
+        table.add_column(col, overflow="fold")
+    for row in weights_status():
+        table.add_row(row["backbone"], row["imagenet"], row["source"])
+    out.print(table)
+
+
+def _print_store(study: str, what: str) -> None:
+    from harness.paths import get_paths
+
+    p = get_paths()
+    out.print(f"{what}. MLflow store: {p.tracking_uri} (artifacts {p.artifact_root})", highlight=False)
+    out.print(f"Open the UI: harness ui --study {study}", highlight=False)

@@ -1,0 +1,143 @@
+"""Data stage of the pipeline: recipe task -> validated, decoded, split arrays (`prepare_task`), and `check_folder`.
+
+Images of the train folder (and the explicit test folder, when the task names one that exists) are validated together;
+every problem is collected before deciding, so a user sees all bad files at once.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.progress import track
+
+from harness.data.dupes import find_duplicates
+from harness.data.images import Decoded, decode
+from harness.data.scan import Item, class_folders, class_mismatch, scan
+from harness.data.splits import groups_from_names, make_splits
+from harness.data.synthetic import ensure_demo_data
+from harness.errors import HarnessError
+from harness.paths import get_paths
+from harness.recipe import Recipe
+
+
+@dataclass
+class TaskData:
+    name: str
+    classes: list[str]
+    x: np.ndarray  # (N, S, S, 3) uint8, before any backbone preprocessing
+    y: np.ndarray  # (N,) int class index, classes sorted by folder name
+    files: list[Path]
+    sha1s: list[str]
+    modes: list[str]  # original colour modes: a proxy for image source
+    splits: dict[str, np.ndarray]
+    test_source: str
+    train_root: Path
+    skipped: list[str] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+
+    @property
+    def binary(self) -> bool:
+        return len(self.classes) == 2
+
+    def content_key(self) -> str:
+        """Changes whenever any image's bytes, label or the class list change."""
+        h = hashlib.sha1("|".join(self.classes).encode())
+        for s, y in sorted(zip(self.sha1s, self.y.tolist())):
+            h.update(f"{s}:{y};".encode())
+        return h.hexdigest()[:16]
+
+    def subset(self, split: str):
+        idx = self.splits[split]
+        return self.x[idx], self.y[idx]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {s: {c: int((self.y[idx] == k).sum()) for k, c in enumerate(self.classes)}
+                for s, idx in self.splits.items()}
+
+
+def data_root(recipe: Recipe) -> Path:
+    if recipe.data.synthetic is not None:
+        s = recipe.data.synthetic
+        return ensure_demo_data(get_paths().demo_data, s.per_class, s.size, s.seed)
+    if recipe.data.root is not None:
+        return recipe.data.root
+    return recipe.source.parent if recipe.source else Path.cwd()
+
+
+def _decode_all(items: list[Item], recipe: Recipe, label: str) -> list[Decoded]:
+    d, cache = recipe.data, get_paths().image_cache
+    return [decode(it.path, d.image_size, d.colour, cache, d.min_side, d.max_pixels)
+            for it in track(items, description=label, transient=True)]
+
+
+def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
+    task = recipe.tasks[task_name]
+    root = data_root(recipe)
+    train_root = task.train_dir if task.train_dir.is_absolute() else root / task.train_dir
+    items, problems = scan(train_root, task.classes)
+    classes = sorted(task.classes) if task.classes else (class_folders(train_root) if train_root.is_dir() else [])
+    test_items: list[Item] = []
+    test_source = f"carved from train (stratified, {recipe.data.test_fraction:.0%})"
+    if task.test_dir is not None:
+        test_root = task.test_dir if task.test_dir.is_absolute() else root / task.test_dir
+        if test_root.is_dir():
+            test_items, test_problems = scan(test_root, task.classes)
+            problems += test_problems
+            if task.classes is None:
+                problems += class_mismatch(train_root, classes, test_root, class_folders(test_root))
+            test_source = f"folder {test_root}"
+        else:
+            test_source += f"; test folder {test_root} not found"
+    if any("folder not found" in p or "at least two class" in p or "empty class" in p for p in problems):
+        raise HarnessError(f"task '{task_name}' in {recipe.source}: " + "; ".join(problems))
+    all_items = items + test_items
+    decoded = _decode_all(all_items, recipe, f"Checking {len(all_items)} images of {task_name}")
+    problems += [dec.problem for dec in decoded if dec.problem]
+    if problems and recipe.data.on_bad_file == "fail":
+        head = f"{len(problems)} data problem(s) in task '{task_name}' (data.on_bad_file: fail in {recipe.source}):"
+        raise HarnessError("\n".join([head] + problems))
+    keep = [i for i, dec in enumerate(decoded) if dec.problem is None]
+    is_test = np.array([i >= len(items) for i in keep], dtype=bool)
+    files = [all_items[i].path for i in keep]
+    y = np.array([classes.index(all_items[i].label) for i in keep], dtype=np.int64)
+    if len(np.unique(y[~is_test])) < 2:
+        raise HarnessError(f"task '{task_name}': fewer than two classes with usable training images")
+    groups = groups_from_names(files, recipe.data.group_pattern)
+    d = recipe.data
+    splits = make_splits(y, groups, d.val_fraction, d.test_fraction, d.seed,
+                         test_indices=np.nonzero(is_test)[0] if test_items else None)
+    split_of = ["?"] * len(files)
+    for s, idx in splits.items():
+        for i in idx:
+            split_of[i] = s
+    x = np.stack([decoded[i].array for i in keep]) if keep else np.zeros((0, d.image_size, d.image_size, 3), np.uint8)
+    sha1s = [decoded[i].sha1 for i in keep]
+    names = [f"{f.parent.name}/{f.name}" for f in files]
+    return TaskData(
+        name=task_name, classes=classes, x=x, y=y, files=files, sha1s=sha1s,
+        modes=[decoded[i].mode for i in keep], splits=splits, test_source=test_source, train_root=train_root,
+        skipped=problems, duplicates=find_duplicates(sha1s, x, names, split_of),
+    )
+
+
+def check_folder(folder: Path, min_side: int = 32, max_pixels: int = 60_000_000) -> dict:
+    """Class counts, sizes, colour modes and problems of one class-folder tree (for `harness data check`)."""
+    items, problems = scan(folder)
+    cache = get_paths().image_cache
+    per_class: dict[str, dict] = {}
+    for it in track(items, description=f"Checking {len(items)} images", transient=True):
+        dec = decode(it.path, 64, "grey", cache, min_side, max_pixels)
+        c = per_class.setdefault(it.label, {"n": 0, "modes": Counter(), "min_w": 10**9, "max_w": 0,
+                                            "min_h": 10**9, "max_h": 0, "bytes": 0})
+        if dec.problem:
+            problems.append(dec.problem)
+            continue
+        c["n"] += 1
+        c["modes"][dec.mode] += 1
+        c["bytes"] += it.path.stat().st_size
+        c["min_w"], c["max_w"] = min(c["min_w"], dec.width), max(c["max_w"], dec.width)
+        c["min_h"], c["max_h"] = min(c["min_h"], dec.height), max(c["max_h"], dec.height)
+    return {"folder": str(folder), "classes": per_class, "problems": problems}

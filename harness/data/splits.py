@@ -1,0 +1,48 @@
+"""Stratified train/validation/test splits with a fixed seed, optionally grouped so a patient never straddles splits."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+
+def groups_from_names(paths: list[Path], pattern: Optional[str]) -> np.ndarray:
+    """Group id per file: regex group 1 (or the whole match) of the file name; a non-match is its own group."""
+    if not pattern:
+        return np.array([str(p) for p in paths])
+    rx = re.compile(pattern)
+    out = []
+    for p in paths:
+        m = rx.search(p.name)
+        out.append(f"{p.parent.name}/{(m.group(1) if m.groups() else m.group(0)) if m else p.name}")
+    return np.array(out)
+
+
+def carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
+    """Split `indices` into (rest, held) with about `fraction` held out, stratified by label, grouped by `groups`."""
+    if fraction <= 0 or len(indices) == 0:
+        return indices, indices[:0]
+    n_splits = max(2, int(round(1.0 / fraction)))
+    min_class = np.bincount(labels[indices]).min() if len(indices) else 0
+    n_splits = min(n_splits, max(2, int(min_class)))
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, held = next(sgkf.split(indices, labels[indices], groups[indices]))
+    return indices[np.sort(rest)], indices[np.sort(held)]
+
+
+def make_splits(labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                test_indices: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """{'train', 'val', 'test'} index arrays. `test_indices` (an explicit test folder) skips carving a test split."""
+    all_idx = np.arange(len(labels))
+    if test_indices is not None:
+        pool = np.setdiff1d(all_idx, test_indices)
+        test = np.sort(test_indices)
+    else:
+        pool, test = carve(all_idx, labels, groups, test_fraction, seed)
+    # Validation is a fraction of the whole, so test 0.2 + val 0.2 leaves 0.6 for training.
+    val_of_pool = min(0.5, val_fraction / max(1e-9, 1.0 - (0 if test_indices is not None else test_fraction)))
+    train, val = carve(pool, labels, groups, val_of_pool, seed + 1)
+    return {"train": train, "val": val, "test": test}

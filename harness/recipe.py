@@ -1,0 +1,233 @@
+"""Recipes: the one typed place for configuration. A YAML study file is validated here, before any work.
+
+`load_recipe(path, overrides)` applies command-line overrides to the raw YAML *before* validation, so an override is
+checked exactly like a value in the file. Errors come back as one line naming the file and the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import HarnessError
+
+BACKBONES = ("vgg19", "densenet121", "efficientnet_lite0")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Synthetic(Strict):
+    """Generated phantom data (the embedded default): no files need to exist beforehand."""
+    per_class: int = Field(24, ge=4, le=2000)
+    size: int = Field(128, ge=32, le=1024)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    root: Optional[Path] = None  # task folders are relative to this (else to the recipe's folder)
+    synthetic: Optional[Synthetic] = None  # when set, root is the generated demo data
+    image_size: int = Field(224, ge=32, le=1024)
+    colour: Literal["grey", "rgb"] = "grey"  # grey: colour mode is a source shortcut in the COVID data
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, ge=0, lt=0.5)  # carved from train when a task has no test folder
+    seed: int = 42
+    group_pattern: Optional[str] = None  # regex on the file name; group 1 (or the match) = patient id
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    min_side: int = Field(32, ge=1)
+    max_pixels: int = Field(60_000_000, ge=1)  # decompression-bomb guard
+
+
+class TaskConfig(Strict):
+    train_dir: Path
+    test_dir: Optional[Path] = None  # used when it exists under the data root, else a test split is carved
+    classes: Optional[list[str]] = None  # a subset of the class folders; default all
+
+    @field_validator("classes")
+    @classmethod
+    def _two_or_more(cls, v):
+        if v is not None and len(set(v)) < 2:
+            raise ValueError("a task needs at least two classes")
+        return v
+
+
+class HeadConfig(Strict):
+    pooling: Literal["flatten", "avg"] = "flatten"
+    units: list[int] = Field(default_factory=lambda: [256, 256, 64])  # hidden layers; dropout after all but the last
+    dropout: float = Field(0.25, ge=0, lt=1)
+
+    @field_validator("units")
+    @classmethod
+    def _positive(cls, v):
+        if any(u < 1 for u in v):
+            raise ValueError("units must be positive")
+        return v
+
+
+class TrainingConfig(Strict):
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    optimizer: Literal["adam"] = "adam"
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+
+
+class FloatRange(Strict):
+    min: float
+    max: float
+    step: Optional[float] = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class IntRange(Strict):
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class SearchConfig(Strict):
+    tuner: Literal["random", "bayesian", "hyperband"] = "random"
+    max_trials: int = Field(10, ge=1, le=10000)
+    objective: Literal["val_loss", "val_accuracy"] = "val_loss"
+    dropout: FloatRange = FloatRange(min=0.1, max=0.5, step=0.05)
+    depth: IntRange = IntRange(min=1, max=3)
+    units: list[int] = Field(default_factory=lambda: [64, 128, 256])
+    learning_rate: Union[list[float], FloatRange] = Field(default_factory=lambda: [1e-4, 5e-4, 1e-3])
+    pooling: list[Literal["flatten", "avg"]] = Field(default_factory=lambda: ["avg"])
+    seed: int = 42
+    max_consecutive_failures: int = Field(3, ge=1)
+    hyperband_factor: int = Field(3, ge=2)
+
+
+class FinetuneConfig(Strict):
+    """Second stage after the head: unfreeze the top layers, lower learning rate, BatchNorm kept in inference mode."""
+    unfreeze_layers: int = Field(20, ge=1)
+    learning_rate: float = Field(1e-5, gt=0, lt=1)
+    epochs: int = Field(3, ge=1, le=1000)
+
+
+class ModelConfig(Strict):
+    task: str
+    backbone: Literal[BACKBONES]  # type: ignore[valid-type]
+    weights: str = "imagenet"  # imagenet | none | path to a .weights.h5 / .h5 file
+    trainable: bool = False  # True fine-tunes the whole backbone from the start (the seed's DenseNet121)
+    name: Optional[str] = None
+    head: Optional[HeadConfig] = None
+    training: Optional[TrainingConfig] = None
+    finetune: Optional[FinetuneConfig] = None
+
+    @property
+    def key(self) -> str:
+        return self.name or f"{self.task}-{self.backbone}"
+
+
+class Recipe(Strict):
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig = DataConfig()
+    tasks: dict[str, TaskConfig]
+    models: list[ModelConfig] = Field(min_length=1)
+    head: HeadConfig = HeadConfig()
+    training: TrainingConfig = TrainingConfig()
+    search: SearchConfig = SearchConfig()
+    source: Optional[Path] = Field(None, exclude=True)  # the file it came from, for messages and relative paths
+
+    @model_validator(mode="after")
+    def _models_name_tasks(self):
+        for i, m in enumerate(self.models):
+            if m.task not in self.tasks:
+                raise ValueError(f"models.{i}.task: unknown task '{m.task}' (tasks: {', '.join(self.tasks)})")
+        keys = [m.key for m in self.models]
+        if len(keys) != len(set(keys)):
+            raise ValueError("models: two models share a name; give one a distinct 'name'")
+        return self
+
+    def model(self, key: Optional[str] = None) -> ModelConfig:
+        if key is None:
+            return self.models[0]
+        for m in self.models:
+            if key in (m.key, f"{m.task}/{m.backbone}"):
+                return m
+        raise HarnessError(f"{self.source}: no model '{key}' (models: {', '.join(m.key for m in self.models)})")
+
+    def head_for(self, m: ModelConfig) -> HeadConfig:
+        return m.head or self.head
+
+    def training_for(self, m: ModelConfig) -> TrainingConfig:
+        return m.training or self.training
+
+    def resolved(self) -> dict:
+        """The fully resolved configuration, as logged with every run."""
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if not msg.startswith(loc) else msg)
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Recipe:
+    """Read, override and validate a recipe; relative data paths are anchored to the recipe's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise HarnessError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: a recipe must be a YAML mapping")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            try:
+                _set_dotted(raw, dotted, value)
+            except (IndexError, ValueError, AttributeError, TypeError):
+                raise HarnessError(f"{path}: cannot override '{dotted}'") from None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise HarnessError(_format_error(path, e)) from None
+    recipe.source = path.resolve()
+    if recipe.data.root is not None and not recipe.data.root.is_absolute():
+        recipe.data.root = (path.resolve().parent / recipe.data.root).resolve()
+    for i, m in enumerate(recipe.models):
+        if m.weights not in ("imagenet", "none"):
+            wp = Path(m.weights).expanduser()
+            if not wp.is_absolute():
+                wp = (path.resolve().parent / wp).resolve()
+            if not wp.is_file():
+                raise HarnessError(f"{path}: models.{i}.weights: file not found: {wp}")
+            m.weights = str(wp)
+    return recipe
