@@ -15,3 +15,18 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 __version__ = "0.1.0"
+
+
+def load_model(model_uri: str):
+    """Load a model the harness logged (e.g. `models:/demo-task2-efficientnet_lite0/1` or `runs:/<id>/model`).
+
+    Importing the harness's layers first registers its preprocessing layer with Keras; the model then takes raw
+    0-255 RGB images of the recipe's size and returns class probabilities (classes sorted by folder name).
+    """
+    import mlflow.keras
+
+    from harness.models import layers  # noqa: F401
+    from harness.paths import get_paths
+
+    mlflow.set_tracking_uri(get_paths().tracking_uri)
+    return mlflow.keras.load_model(model_uri)

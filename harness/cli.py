@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,8 @@ from rich.table import Table
 
 from harness.errors import HarnessError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help=__doc__.split("\n")[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect image folders.")
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weights available offline.")
 app.add_typer(data_app, name="data")
@@ -39,11 +41,20 @@ def guarded(fn):
         except KeyboardInterrupt:
             print("interrupted: runs in progress were marked KILLED; resume with --resume", file=sys.stderr)
             raise typer.Exit(130)
+        except typer.Exit:
+            raise
+        except Exception as e:  # a bug, not bad input: still one line, the traceback on request
+            if os.environ.get("HARNESS_DEBUG"):
+                raise
+            print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  f"(set HARNESS_DEBUG=1 for the traceback)", file=sys.stderr)
+            raise typer.Exit(1)
     return wrapper
 
 
 def _overrides(**kw) -> dict:
-    keys = {"data_root": "data.root", "image_size": "data.image_size", "epochs": "training.epochs"}
+    keys = {"data_root": "data.root", "image_size": "data.image_size", "epochs": "training.epochs",
+            "max_trials": "search.max_trials"}
     return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
 
 
@@ -66,6 +77,29 @@ def train(recipe: RecipeArg,
     r = load_recipe(recipe, {**_overrides(data_root=data_root, image_size=image_size, epochs=epochs), **extra})
     run_id = train_fn(r, r.models[index].key)
     _print_store(r.study, f"run {run_id}")
+
+
+@app.command()
+@guarded
+def tune(recipe: RecipeArg,
+         only: Annotated[Optional[list[str]], typer.Option(help="Only this model (task-backbone or task/backbone); repeatable.")] = None,
+         max_trials: Annotated[Optional[int], typer.Option(help="Override search.max_trials.")] = None,
+         resume: Annotated[bool, typer.Option(help="Finish an interrupted search instead of starting over.")] = False,
+         epochs: Annotated[Optional[int], typer.Option(help="Override training.epochs.")] = None,
+         image_size: Annotated[Optional[int], typer.Option(help="Override data.image_size.")] = None,
+         data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
+    """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered."""
+    from harness.recipe import load_recipe
+    from harness.search import tune as tune_fn
+
+    r = load_recipe(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs,
+                                       max_trials=max_trials))
+    for res in tune_fn(r, only=only, resume=resume):
+        t = res["test"]
+        acc = f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci_low']:.3f}, {t['accuracy_ci_high']:.3f}]" \
+            if t else "no test split"
+        out.print(f"{res['model']}: best {res['best']}; {acc}; registered {res['registered_model']}", highlight=False)
+    _print_store(r.study, "tuning finished")
 
 
 @app.command()
@@ -134,3 +168,7 @@ def _print_store(study: str, what: str) -> None:
     p = get_paths()
     out.print(f"{what}. MLflow store: {p.tracking_uri} (artifacts {p.artifact_root})", highlight=False)
     out.print(f"Open the UI: harness ui --study {study}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

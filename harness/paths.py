@@ -28,7 +28,8 @@ class Paths:
 
     @property
     def cache(self) -> Path:
-        return self.home / "cache"
+        # Decoded images, features and converted weights can be shared between stores (tests, several studies).
+        return Path(os.environ["HARNESS_CACHE"]).resolve() if os.environ.get("HARNESS_CACHE") else self.home / "cache"
 
     @property
     def image_cache(self) -> Path:

@@ -37,7 +37,7 @@ def to_grey_or_rgb(img: Image.Image, colour: str) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(a.astype(np.uint8), "L")
+        img = Image.fromarray(a.astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
@@ -86,7 +86,7 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
                 img.load()
                 arr = preprocess(img, size, colour)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Decoded(None, sha1, "?", 0, 0, f"{path}: image too large (decompression bomb guard)")
+        return Decoded(None, sha1, "?", 0, 0, f"{path}: exceeds the {max_pixels} pixel limit (decompression bomb guard)")
     except Image.UnidentifiedImageError:
         return Decoded(None, sha1, "?", 0, 0, f"{path}: not a readable image")
     except (OSError, SyntaxError, ValueError) as e:

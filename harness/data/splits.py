@@ -10,14 +10,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 
 def groups_from_names(paths: list[Path], pattern: Optional[str]) -> np.ndarray:
-    """Group id per file: regex group 1 (or the whole match) of the file name; a non-match is its own group."""
+    """Group id per file: the first non-empty regex group (or the whole match) of the file name; a non-match is its
+    own group. Alternatives with one group each let one pattern cover several naming schemes."""
     if not pattern:
         return np.array([str(p) for p in paths])
     rx = re.compile(pattern)
     out = []
     for p in paths:
         m = rx.search(p.name)
-        out.append(f"{p.parent.name}/{(m.group(1) if m.groups() else m.group(0)) if m else p.name}")
+        gid = (next((g for g in m.groups() if g), m.group(0)) if m.groups() else m.group(0)) if m else p.name
+        out.append(f"{p.parent.name}/{gid}")
     return np.array(out)
 
 

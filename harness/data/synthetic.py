@@ -58,6 +58,6 @@ def ensure_demo_data(base: Path, per_class: int = 24, size: int = 128, seed: int
     for label in CLASSES:
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(phantom(label, size, rng), "L").save(root / label / f"{label}-{i:03d}.png")
+            Image.fromarray(phantom(label, size, rng)).save(root / label / f"{label}-{i:03d}.png")
     done.write_text("ok\n")
     return root

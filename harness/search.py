@@ -1,0 +1,251 @@
+"""Search stage: one Keras Tuner search per recipe model (task x backbone), on cached features when the backbone is
+frozen. The search is an MLflow parent run, each trial a nested child run; afterwards the best hyperparameters are
+refit, evaluated once on the test split, logged once and registered as `<study>-<task>-<backbone>`.
+
+Only public Keras Tuner hooks are used: `HyperModel.build` and `Tuner.run_trial` (wrapped, not replaced).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Optional
+
+import keras
+import keras_tuner as kt
+import mlflow
+
+from harness import tracking
+from harness.errors import HarnessError
+from harness.paths import get_paths
+from harness.recipe import FloatRange, HeadConfig, ModelConfig, Recipe, SearchConfig
+from harness.train import Prepared, build, finish, fit, log_context, model_params, prepare
+
+TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
+
+
+def clean_values(values: dict) -> dict:
+    """Hyperparameters as logged: no `tuner/*` bookkeeping, floats rounded (0.30000000000000004 -> 0.3)."""
+    out = {}
+    for k, v in values.items():
+        if k.startswith("tuner/") or v is None:
+            continue
+        out[k] = float(f"{v:.6g}") if isinstance(v, float) else v
+    return out
+
+
+def head_from_values(values: dict, space: SearchConfig) -> tuple[HeadConfig, float]:
+    depth = int(values["depth"])
+    units = [int(values[f"units_{i}"]) for i in range(depth)]
+    head = HeadConfig(pooling=values.get("pooling", space.pooling[0]), units=units,
+                      dropout=round(float(values["dropout"]), 6))
+    return head, float(values["learning_rate"])
+
+
+class HeadHyperModel(kt.HyperModel):
+    """Search space from the recipe. `units_i` lives in a conditional scope on depth, so it is absent (not logged)
+    from trials whose head has fewer than i+1 layers."""
+
+    def __init__(self, prep: Prepared, space: SearchConfig):
+        super().__init__()
+        self.prep, self.space = prep, space
+
+    def declare(self, hp: kt.HyperParameters) -> dict:
+        s = self.space
+        values = {"depth": hp.Int("depth", s.depth.min, s.depth.max)}
+        for i in range(s.depth.max):
+            if i < s.depth.min:
+                values[f"units_{i}"] = hp.Choice(f"units_{i}", s.units)
+            else:
+                with hp.conditional_scope("depth", list(range(i + 1, s.depth.max + 1))):
+                    values[f"units_{i}"] = hp.Choice(f"units_{i}", s.units)
+        values["dropout"] = hp.Float("dropout", s.dropout.min, s.dropout.max, step=s.dropout.step,
+                                     sampling="log" if s.dropout.log else "linear")
+        if isinstance(s.learning_rate, FloatRange):
+            values["learning_rate"] = hp.Float("learning_rate", s.learning_rate.min, s.learning_rate.max,
+                                               sampling="log" if s.learning_rate.log else "linear")
+        else:
+            values["learning_rate"] = hp.Choice("learning_rate", s.learning_rate)
+        if len(s.pooling) > 1:
+            values["pooling"] = hp.Choice("pooling", s.pooling)
+        return values
+
+    def build(self, hp):
+        head, lr = head_from_values(self.declare(hp), self.space)
+        if self.prep.feats is None:  # trainable backbone: every trial starts from the same pretrained weights
+            self.prep = refresh_backbone(self.prep)
+        model, _ = build(self.prep, head, lr)
+        return model
+
+
+def refresh_backbone(prep: Prepared) -> Prepared:
+    from harness.models import build_backbone
+
+    prep.backbone, _ = build_backbone(prep.mcfg.backbone, prep.mcfg.weights, prep.recipe.data.image_size)
+    return prep
+
+
+def _tracked(base: type) -> type:
+    class Tracked(base):
+        """Wraps each trial in a nested MLflow run; clears the Keras session first so memory stays flat."""
+
+        def __init__(self, *args, parent_run_id: str, n_train: int, trial_seed: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.parent_run_id, self.n_train, self.trial_seed = parent_run_id, n_train, trial_seed
+
+        def run_trial(self, trial, *args, **kwargs):
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(self.trial_seed + int(trial.trial_id))
+            values = clean_values(trial.hyperparameters.values)
+            existing = trial_runs(self.parent_run_id).get(trial.trial_id)
+            logger = tracking.EpochLogger(self.n_train, trial.hyperparameters.values.get("tuner/initial_epoch", 0))
+            kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [logger]
+            t0 = time.perf_counter()
+            try:
+                with tracking.run(f"trial {trial.trial_id}", nested=True, run_id=existing,
+                                  tags={"harness.kind": "trial", "trial_id": trial.trial_id,
+                                        "mlflow.parentRunId": self.parent_run_id}):
+                    mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
+                    if "tuner/epochs" in trial.hyperparameters.values:
+                        mlflow.set_tags({k: str(v) for k, v in trial.hyperparameters.values.items()
+                                         if k.startswith("tuner/")})
+                    results = super().run_trial(trial, *args, **kwargs)
+                    dt = time.perf_counter() - t0
+                    epochs = max(1, len(logger.epoch_seconds))
+                    best = best_of(results, self.oracle.objective)
+                    mlflow.log_metrics({"trial_seconds": dt, "images_per_s": self.n_train * epochs / dt,
+                                        f"best_{self.oracle.objective.name}": best})
+                    return results
+            except Exception as e:
+                # Recorded FAILED (by tracking.run) with its error; FailedTrialError makes the tuner count it
+                # towards max_consecutive_failed_trials instead of retrying it forever.
+                raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
+
+    Tracked.__name__ = f"Tracked{base.__name__}"
+    return Tracked
+
+
+def best_of(results, objective) -> float:
+    histories = results if isinstance(results, list) else [results]
+    vals = []
+    for h in histories:
+        series = h.history.get(objective.name, []) if hasattr(h, "history") else []
+        if series:
+            vals.append(min(series) if objective.direction == "min" else max(series))
+    return float(sum(vals) / len(vals)) if vals else math.nan
+
+
+def trial_runs(parent_run_id: str) -> dict[str, str]:
+    """trial_id -> child run id of the trials already recorded under a search run."""
+    runs = tracking.client().search_runs(
+        [mlflow.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`harness.kind` = 'trial'")
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs}
+
+
+def mark_orphans_killed(parent_run_id: str) -> int:
+    """Child runs left RUNNING by a killed process (kill -9 leaves no chance to end them) become KILLED."""
+    c, n = tracking.client(), 0
+    for run_id in trial_runs(parent_run_id).values():
+        if c.get_run(run_id).info.status == "RUNNING":
+            c.set_terminated(run_id, "KILLED")
+            n += 1
+    return n
+
+
+def make_tuner(prep: Prepared, space: SearchConfig, project_dir, resume: bool, parent_run_id: str, epochs: int,
+               max_trials: int):
+    base = TUNERS[space.tuner]
+    kwargs = dict(objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
+                  seed=space.seed, directory=str(project_dir.parent), project_name=project_dir.name,
+                  overwrite=not resume, max_consecutive_failed_trials=space.max_consecutive_failures)
+    if space.tuner == "hyperband":
+        kwargs.update(max_epochs=epochs, factor=space.hyperband_factor)
+    else:
+        kwargs.update(max_trials=max_trials)
+    return _tracked(base)(HeadHyperModel(prep, space), parent_run_id=parent_run_id,
+                          n_train=len(prep.task.splits["train"]), trial_seed=space.seed, **kwargs)
+
+
+def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: Optional[int] = None) -> dict:
+    """Search, refit the best, evaluate once, log and register. Returns a summary of the search."""
+    space, tcfg = recipe.search, recipe.training_for(mcfg)
+    max_trials = max_trials or space.max_trials
+    tracking.setup(recipe.study)
+    prep = prepare(recipe, mcfg)
+    project_dir = get_paths().tuner_dir / recipe.study / mcfg.key
+    state_file = project_dir.parent / f"{mcfg.key}.parent.json"
+    parent_id = None
+    if resume and state_file.is_file():
+        parent_id = json.loads(state_file.read_text())["run_id"]
+        mark_orphans_killed(parent_id)
+    elif resume:
+        raise HarnessError(f"nothing to resume for {mcfg.key} in study '{recipe.study}' ({state_file} not found)")
+    tags = {"harness.kind": "search", "task": mcfg.task, "backbone": mcfg.backbone, "weights": mcfg.weights,
+            "tuner": space.tuner, "model_key": mcfg.key, "study": recipe.study}
+    t0 = time.perf_counter()
+    with tracking.run(f"search {mcfg.key}", run_id=parent_id, tags=None if parent_id else tags) as parent:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"run_id": parent.info.run_id}))
+        if not parent_id:
+            log_context(prep)
+            mlflow.log_params({**model_params(prep, recipe.head_for(mcfg), tcfg),
+                               **tracking.flatten({"search": space.model_dump(mode="json")}),
+                               "search.max_trials_run": max_trials})
+        tuner = make_tuner(prep, space, project_dir, resume, parent.info.run_id, tcfg.epochs, max_trials)
+        x, y = prep.inputs("train")
+        tuner.search(x, y, validation_data=prep.inputs("val"), epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+                     shuffle=True, verbose=0)
+        search_s = time.perf_counter() - t0
+        completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+        if not completed:
+            raise HarnessError(f"{mcfg.key}: no trial completed; see the failed trial runs in MLflow for errors")
+        best = clean_values(tuner.get_best_hyperparameters(1)[0].values)
+        mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
+        mlflow.log_metrics({"search_seconds": search_s, "trials_completed": len(completed),
+                            "trials_total": len(tuner.oracle.trials),
+                            f"best.{space.objective}": float(tuner.oracle.get_best_trials(1)[0].score)})
+        final = refit(prep, best, parent.info.run_id)
+    return {"model": mcfg.key, "parent_run_id": parent.info.run_id, "best": best, **final}
+
+
+def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
+    """Retrain the best hyperparameters from scratch on the train split for the recipe's epochs, keep the weights of
+    the best validation epoch, then evaluate once on test. Validation stays held out: with a few dozen images it is
+    the only honest signal for picking the epoch, and the training curves it gives go into the report."""
+    recipe, mcfg = prep.recipe, prep.mcfg
+    space, tcfg = recipe.search, recipe.training_for(mcfg)
+    head_cfg, lr = head_from_values(best, space)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(space.seed)
+    if prep.feats is None:
+        prep = refresh_backbone(prep)
+    register_as = f"{recipe.study}-{mcfg.task}-{mcfg.backbone}"
+    with tracking.run(f"final {mcfg.key}", nested=True, tags={
+            "harness.kind": "final", "mlflow.parentRunId": parent_run_id, "task": mcfg.task,
+            "backbone": mcfg.backbone, "model_key": mcfg.key, "study": recipe.study,
+            "registered_model": register_as}) as final:
+        log_context(prep)
+        mlflow.log_params(model_params(prep, head_cfg, tcfg))
+        mlflow.log_params({f"hp.{k}": v for k, v in best.items()})
+        t0 = time.perf_counter()
+        model, head = build(prep, head_cfg, lr)
+        logger = tracking.EpochLogger(len(prep.task.splits["train"]))
+        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger], restore_best=space.objective)
+        train_s = time.perf_counter() - t0
+        mlflow.log_metrics({"train_seconds": train_s, "seconds_per_epoch": train_s / max(1, len(logger.epoch_seconds)),
+                            "images_per_s": len(prep.task.splits["train"]) * len(logger.epoch_seconds) / train_s})
+        if mcfg.finetune is not None:
+            from harness.finetune import finetune
+
+            prep, model = finetune(prep, head, mcfg.finetune, tcfg.batch_size)
+        results = finish(prep, model, head, register_as=register_as)
+    return {"final_run_id": final.info.run_id, "registered_model": register_as,
+            "test": results.get("test", {}), "val": results.get("val", {})}
+
+
+def tune(recipe: Recipe, only: Optional[list[str]] = None, resume: bool = False,
+         max_trials: Optional[int] = None) -> list[dict]:
+    """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`)."""
+    models = [recipe.model(k) for k in only] if only else recipe.models
+    return [search_model(recipe, m, resume=resume, max_trials=max_trials) for m in models]

@@ -1,0 +1,68 @@
+"""Shared fixtures: every test gets its own MLflow store; decoded images, features and converted weights are cached
+once per session. KERAS_HOME points at an empty folder, so nothing can reach for ImageNet downloads."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REAL_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid-xray").resolve()
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def harness_home(tmp_path, session_cache, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HARNESS_HOME", str(home))
+    monkeypatch.setenv("HARNESS_CACHE", str(session_cache))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def write_recipe(path: Path, **changes) -> Path:
+    """The demo recipe, shrunk: tiny phantoms, 32 px, 2 epochs, 2 trials; `changes` are dotted-key overrides."""
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml").read_text())
+    raw["study"] = "tiny"
+    raw["data"]["synthetic"] = {"per_class": 10, "size": 48, "seed": 1}
+    raw["data"]["image_size"] = 32
+    raw["training"] = {"epochs": 2, "batch_size": 8, "learning_rate": 0.001}
+    raw["search"]["max_trials"] = 2
+    raw["models"] = [{"task": "task2", "backbone": "efficientnet_lite0", "weights": "imagenet"}]
+    for dotted, value in changes.items():
+        node = raw
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+        node[keys[-1]] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml")
+
+
+@pytest.fixture
+def mlflow_client():
+    from harness import tracking
+
+    return tracking.client()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not REAL_DATA.is_dir():
+        skip = pytest.mark.skip(reason=f"real data not found at {REAL_DATA}")
+        for item in items:
+            if "realdata" in item.keywords:
+                item.add_marker(skip)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

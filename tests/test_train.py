@@ -1,0 +1,67 @@
+"""One tracked training run through the CLI: params, metrics, tags, artifacts, and a model that reloads and predicts."""
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import harness
+from harness.cli import app
+
+
+@pytest.mark.slow
+def test_train_cli_end_to_end(tiny_recipe, mlflow_client):
+    res = CliRunner().invoke(app, ["train", str(tiny_recipe), "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "harness ui --study tiny" in res.output
+    exp = mlflow_client.get_experiment_by_name("tiny")
+    assert exp.artifact_location.startswith("file:///")
+    (run,) = mlflow_client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["model.backbone"] == "efficientnet_lite0" and p["training.epochs"] == "2" and p["data.image_size"] == "32"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds", "images_per_s", "test.accuracy",
+                "test.accuracy_ci_low", "test.accuracy_ci_high", "test.macro_f1", "test.roc_auc", "total_seconds"):
+        assert key in m, key
+    assert m["test.accuracy_ci_low"] <= m["test.accuracy"] <= m["test.accuracy_ci_high"]
+    history = mlflow_client.get_metric_history(run.info.run_id, "val_loss")
+    assert [h.step for h in history] == [0, 1]
+    assert t["device"] == "CPU" and t["device.cores"] and t["versions.keras"] and t["weights"] == "imagenet"
+    assert len(t["weights_sha256"]) == 64 and t["weights_source"].endswith(".pth")
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "data.json", "confusion_test.png", "predictions.json", "embeddings.npz"} <= artifacts
+
+    model = harness.load_model(f"runs:/{run.info.run_id}/model")
+    from harness.data import prepare_task
+    from harness.recipe import load_recipe
+
+    task = prepare_task(load_recipe(tiny_recipe), "task2")
+    idx = task.splits["test"]
+    proba = model.predict(task.x[idx].astype("float32"), verbose=0)
+    assert proba.shape == (len(idx), 4)
+    accuracy = float((proba.argmax(1) == task.y[idx]).mean())
+    assert accuracy == pytest.approx(m["test.accuracy"])  # the logged model is the model that was evaluated
+
+
+@pytest.mark.slow
+def test_failed_run_is_marked_failed_not_running(tiny_recipe, mlflow_client, monkeypatch):
+    import harness.train as tr
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(tr, "finish", boom)
+    res = CliRunner().invoke(app, ["train", str(tiny_recipe)])
+    assert res.exit_code == 1 and "disk on fire" in res.output and "Traceback" not in res.output
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FAILED" and "disk on fire" in run.data.tags["error"]
+
+
+def test_demo_recipe_dataset_builds(tmp_path):
+    from pathlib import Path
+
+    from harness.data import prepare_task
+    from harness.recipe import load_recipe
+
+    recipe = load_recipe(Path(harness.__file__).resolve().parents[1] / "recipes" / "demo.yaml")
+    task = prepare_task(recipe, "task2")
+    assert task.classes == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
+    assert task.x.shape[1:] == (96, 96, 3) and np.bincount(task.y).tolist() == [24] * 4
