@@ -104,12 +104,39 @@ def tune(recipe: RecipeArg,
 
 @app.command()
 @guarded
+def compare(study: Annotated[str, typer.Argument(help="A recipe YAML file or a study name.")],
+            out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default under HARNESS_HOME).")] = None):
+    """Build the comparison report (report.html, report.md, PNGs) of a study from its MLflow runs."""
+    from harness.pipeline import compare_study
+
+    path = compare_study(study, out_dir)
+    out.print(f"report: {path}", highlight=False)
+
+
+@app.command()
+@guarded
+def study(recipe: RecipeArg,
+          max_trials: Annotated[Optional[int], typer.Option(help="Override search.max_trials.")] = None,
+          data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
+    """A whole study: tune every model of the recipe, then build the comparison report."""
+    from harness.pipeline import run_study
+    from harness.recipe import load_recipe
+
+    r = load_recipe(recipe, _overrides(data_root=data_root, max_trials=max_trials))
+    path = run_study(r)
+    out.print(f"report: {path}", highlight=False)
+    _print_store(r.study, "study finished")
+
+
+@app.command()
+@guarded
 def demo():
     """Run the embedded demo study end to end on generated phantom X-rays."""
     from harness.pipeline import demo as demo_fn
 
-    study = demo_fn(DEMO_RECIPE)
-    _print_store(study, "demo finished")
+    report = demo_fn(DEMO_RECIPE)
+    out.print(f"report: {report}", highlight=False)
+    _print_store("demo", "demo finished")
 
 
 @app.command()

@@ -7,16 +7,31 @@ from pathlib import Path
 from typing import Optional
 
 from harness.paths import get_paths
-from harness.recipe import load_recipe
+from harness.recipe import Recipe, load_recipe
 
 
-def demo(recipe_path: Path) -> str:
-    from harness.train import train
+def compare_study(study_or_recipe: str, out: Optional[Path] = None) -> Path:
+    """`harness compare`: a recipe file names its study and the models to expect; a bare name is a study."""
+    from harness.report import compare
 
-    recipe = load_recipe(recipe_path)
-    for m in recipe.models:
-        train(recipe, m.key)
-    return recipe.study
+    path = Path(study_or_recipe)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        recipe = load_recipe(path)
+        return compare(recipe.study, out, expected=[m.key for m in recipe.models])
+    return compare(study_or_recipe, out)
+
+
+def run_study(recipe: Recipe, out: Optional[Path] = None) -> Path:
+    from harness.report import compare
+    from harness.search import tune
+
+    tune(recipe)
+    return compare(recipe.study, out, expected=[m.key for m in recipe.models])
+
+
+def demo(recipe_path: Path) -> Path:
+    """The embedded default, end to end: generated data, a search per model, the report."""
+    return run_study(load_recipe(recipe_path))
 
 
 def ui(port: int = 5000, study: Optional[str] = None) -> None:

@@ -1,0 +1,117 @@
+"""`harness compare` on a small real study: every section, figures per model, honest CIs, McNemar per pair, numbers
+that match MLflow, and an HTML file that renders in headless Chromium with its images loaded."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+
+from conftest import write_recipe
+
+SECTIONS = ["Summary", "Pairwise comparison on the same test images", "Confusion matrices (test)", "Training curves",
+            "t-SNE of penultimate-layer features", "Tuning overview", "Device and timing", "Data"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, session_cache):
+    """Two backbones on one task, 2 trials each, compared; built once for the module's tests."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("study")
+    old = {k: os.environ.get(k) for k in ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME")}
+    os.environ.update(HARNESS_HOME=str(tmp / "home"), HARNESS_CACHE=str(session_cache), KERAS_HOME=str(tmp / "k"))
+    recipe = write_recipe(tmp / "r.yaml", **{"models": [
+        {"task": "task2", "backbone": "efficientnet_lite0", "weights": "imagenet"},
+        {"task": "task2", "backbone": "vgg19", "weights": "none"},
+        {"task": "task1", "backbone": "densenet121", "weights": "none"}]})
+    assert CliRunner().invoke(app, ["tune", str(recipe), "--only", "task2-efficientnet_lite0",
+                                    "--only", "task2-vgg19"]).exit_code == 0
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
+    assert res.exit_code == 0, res.output
+    from harness import tracking
+
+    yield {"out": tmp / "report", "output": res.output, "client": tracking.client(), "home": tmp / "home"}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def use_study_store(request, monkeypatch):
+    if "study" in request.fixturenames:
+        study = request.getfixturevalue("study")
+        monkeypatch.setenv("HARNESS_HOME", str(study["home"]))
+
+
+@pytest.mark.slow
+def test_report_has_every_section_and_figure(study):
+    md = (study["out"] / "report.md").read_text()
+    for s in SECTIONS:
+        assert f"## {s}" in md, s
+    for key in ("task2-efficientnet_lite0", "task2-vgg19"):
+        assert (study["out"] / f"confusion-{key}.png").is_file() and (study["out"] / f"tsne-{key}.png").is_file()
+        assert md.count(f"confusion-{key}.png") == 1 and md.count(f"tsne-{key}.png") == 1
+    assert "Missing (no final run yet): task1-densenet121" in md
+    assert "report.html" in study["output"]
+
+
+@pytest.mark.slow
+def test_report_numbers_match_mlflow_and_cis_hold(study):
+    client = study["client"]
+    exp = client.get_experiment_by_name("tiny")
+    finals = client.search_runs([exp.experiment_id], filter_string="tags.`harness.kind` = 'final'")
+    md = (study["out"] / "report.md").read_text()
+    assert len(finals) == 2
+    for run in finals:
+        m = run.data.metrics
+        key = run.data.tags["model_key"]
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {key} |"))
+        acc, lo, hi = map(float, re.search(r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", row).groups())
+        assert acc == pytest.approx(m["test.accuracy"], abs=5e-4)
+        assert lo == pytest.approx(m["test.accuracy_ci_low"], abs=5e-4)
+        assert lo <= acc <= hi
+    mcnemar = [ln for ln in md.splitlines() if ln.startswith("| task2 | task2-")]
+    assert len(mcnemar) == 1 and ("significant" in mcnemar[0])
+    (compare_run,) = client.search_runs([exp.experiment_id], filter_string="tags.`harness.kind` = 'compare'")
+    artifacts = {a.path for a in client.list_artifacts(compare_run.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md"} <= artifacts
+
+
+@pytest.mark.slow
+def test_html_is_self_contained_and_escaped(study):
+    html = (study["out"] / "report.html").read_text()
+    assert "src='data:image/png;base64," in html and "src='confusion" not in html
+    assert "<table id='summary-task2'>" in html
+
+
+@pytest.mark.slow
+def test_html_renders_in_headless_chromium(study, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian chromium not installed (.ci/run installs it; apt-get install chromium)")
+    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                          "--virtual-time-budget=5000", "--dump-dom",
+                          (study["out"] / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    dom = res.stdout
+    assert "summary-task2" in dom and dom.count("<img") >= 6
+    probe = study["out"] / "probe.html"
+    probe.write_text((study["out"] / "report.html").read_text().replace(
+        "</body>", "<script>document.title = [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+                   " + ':' + document.images.length</script></body>"))
+    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--no-first-run", f"--user-data-dir={tmp_path / 'profile2'}", "--virtual-time-budget=5000",
+                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>(.*?)</title>", res.stdout).group(1)
+    assert title.startswith("true:"), title  # every embedded image decoded
+
+
+def test_compare_unknown_study_is_one_line():
+    res = CliRunner().invoke(app, ["compare", "no-such-study"])
+    assert res.exit_code == 2 and "no MLflow experiment 'no-such-study'" in res.output
