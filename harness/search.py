@@ -206,6 +206,10 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
                             "trials_total": len(tuner.oracle.trials),
                             f"best.{space.objective}": float(tuner.oracle.get_best_trials(1)[0].score)})
         final = refit(prep, best, parent.info.run_id)
+        if prep.feats is not None:
+            from harness.baseline import baseline
+
+            final["baseline"] = baseline(prep, parent.info.run_id)
     return {"model": mcfg.key, "parent_run_id": parent.info.run_id, "best": best, **final}
 
 

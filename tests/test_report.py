@@ -12,7 +12,7 @@ from harness.cli import app
 
 from conftest import write_recipe
 
-SECTIONS = ["Summary", "Pairwise comparison on the same test images", "Confusion matrices (test)", "Training curves",
+SECTIONS = ["Summary", "Against the floor", "Pairwise comparison on the same test images", "Confusion matrices (test)", "Training curves",
             "t-SNE of penultimate-layer features", "Tuning overview", "Device and timing", "Data"]
 
 
@@ -115,3 +115,39 @@ def test_html_renders_in_headless_chromium(study, tmp_path):
 def test_compare_unknown_study_is_one_line():
     res = CliRunner().invoke(app, ["compare", "no-such-study"])
     assert res.exit_code == 2 and "no MLflow experiment 'no-such-study'" in res.output
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_and_prints_the_experiment_url(study, tmp_path):
+    import os
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HARNESS_HOME": str(study["home"]), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--study", "tiny"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        exp = study["client"].get_experiment_by_name("tiny")
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs" in first
+        deadline, ok = time.time() + 90, False
+        while time.time() < deadline and not ok:
+            try:  # loopback only: the UI of this test's own store
+                ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert ok, "MLflow UI did not answer /health"
+        body = urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", timeout=5).read()
+        assert exp.experiment_id.encode() in body
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
