@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# MLflow's set_tracking_uri() exports MLFLOW_TRACKING_URI into this process's environment, so the variable is read
+# once, at import, before the harness has called MLflow: only a value the user set counts as an override.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @dataclass(frozen=True)
 class Paths:
     home: Path
@@ -20,7 +25,7 @@ class Paths:
 
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.tracking_db}"
+        return _USER_TRACKING_URI or f"sqlite:///{self.tracking_db}"
 
     @property
     def artifact_root(self) -> Path:

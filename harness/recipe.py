@@ -69,6 +69,7 @@ class HeadConfig(Strict):
 
 class TrainingConfig(Strict):
     epochs: int = Field(10, ge=1, le=1000)
+    augment: bool = False  # random flips/rotations/zoom while training; images then go through the backbone
     batch_size: int = Field(16, ge=1, le=4096)
     optimizer: Literal["adam"] = "adam"
     learning_rate: float = Field(1e-4, gt=0, lt=1)

@@ -115,6 +115,8 @@ def _tracked(base: type) -> type:
                     best = best_of(results, self.oracle.objective)
                     mlflow.log_metrics({"trial_seconds": dt, "images_per_s": self.n_train * epochs / dt,
                                         f"best_{self.oracle.objective.name}": best})
+                    print(f"  trial {trial.trial_id}: {self.oracle.objective.name} {best:.4f} in {dt:.1f} s  {values}",
+                          flush=True)
                     return results
             except Exception as e:
                 # Recorded FAILED (by tracking.run) with its error; FailedTrialError makes the tuner count it
@@ -184,6 +186,8 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
     tags = {"harness.kind": "search", "task": mcfg.task, "backbone": mcfg.backbone, "weights": mcfg.weights,
             "tuner": space.tuner, "model_key": mcfg.key, "study": recipe.study}
     t0 = time.perf_counter()
+    print(f"Search {mcfg.key}: {space.tuner}, up to {max_trials} trials, feature cache {prep.info['feature_cache']}",
+          flush=True)
     with tracking.run(f"search {mcfg.key}", run_id=parent_id, tags=None if parent_id else tags) as parent:
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"run_id": parent.info.run_id}))
@@ -235,7 +239,8 @@ def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
         t0 = time.perf_counter()
         model, head = build(prep, head_cfg, lr)
         logger = tracking.EpochLogger(len(prep.task.splits["train"]))
-        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger], restore_best=space.objective)
+        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger, tracking.EpochProgress(tcfg.epochs, mcfg.key)],
+            restore_best=space.objective)
         train_s = time.perf_counter() - t0
         mlflow.log_metrics({"train_seconds": train_s, "seconds_per_epoch": train_s / max(1, len(logger.epoch_seconds)),
                             "images_per_s": len(prep.task.splits["train"]) * len(logger.epoch_seconds) / train_s})
@@ -251,5 +256,12 @@ def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
 def tune(recipe: Recipe, only: Optional[list[str]] = None, resume: bool = False,
          max_trials: Optional[int] = None) -> list[dict]:
     """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`)."""
+    from harness.models.backbones import resolve_weights
+
     models = [recipe.model(k) for k in only] if only else recipe.models
+    for m in models:  # fail before an hour of work, not after it, when a later model's weights are missing
+        try:
+            resolve_weights(m.backbone, m.weights)
+        except HarnessError as e:
+            raise HarnessError(f"{m.key}: {e} (or skip it: --only another model)") from None
     return [search_model(recipe, m, resume=resume, max_trials=max_trials) for m in models]

@@ -125,3 +125,27 @@ class EpochLogger(keras.callbacks.Callback):
         metrics = {k: float(v) for k, v in (logs or {}).items()}
         metrics.update(epoch_seconds=dt, images_per_s=self.n_train / dt if dt > 0 else 0.0)
         mlflow.log_metrics(metrics, step=epoch)
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A Rich progress bar over epochs (fits run with verbose=0 so logs stay clean)."""
+
+    def __init__(self, epochs: int, label: str):
+        super().__init__()
+        self.epochs, self.label = epochs, label
+        self._progress = None
+
+    def on_train_begin(self, logs=None):
+        from rich.progress import Progress
+
+        self._progress = Progress(transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task(f"Training {self.label}", total=self.epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        val = (logs or {}).get("val_loss")
+        self._progress.update(self._task, advance=1, description=f"Training {self.label}"
+                              + (f" (val_loss {val:.3f})" if val is not None else ""))
+
+    def on_train_end(self, logs=None):
+        self._progress.stop()

@@ -57,8 +57,9 @@ def prepare(recipe: Recipe, mcfg: ModelConfig, task: Optional[TaskData] = None) 
     task = task or prepare_task(recipe, mcfg.task)
     t1 = time.perf_counter()
     backbone, winfo = build_backbone(mcfg.backbone, mcfg.weights, recipe.data.image_size)
-    if mcfg.trainable:
-        feats, info = None, {"feature_cache": "bypassed (trainable backbone)", "extract_seconds": 0.0}
+    if mcfg.trainable or recipe.training_for(mcfg).augment:
+        why = "trainable backbone" if mcfg.trainable else "augmentation"
+        feats, info = None, {"feature_cache": f"bypassed ({why})", "extract_seconds": 0.0}
     else:
         feats, info = features_for(task, mcfg.backbone, backbone, winfo, recipe.data.image_size, recipe.data.colour)
     info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)
@@ -74,7 +75,7 @@ def build(prep: Prepared, head_cfg: HeadConfig, learning_rate: float) -> tuple[k
 
 def full_model(prep: Prepared, head: keras.Model) -> keras.Model:
     return assemble(prep.backbone, head, SPECS[prep.mcfg.backbone].preprocess, prep.recipe.data.image_size,
-                    trainable_backbone=prep.mcfg.trainable)
+                    trainable_backbone=prep.mcfg.trainable, augment=prep.recipe.training_for(prep.mcfg).augment)
 
 
 def fit(model: keras.Model, prep: Prepared, epochs: int, batch_size: int, callbacks=(), initial_epoch: int = 0,
@@ -177,10 +178,14 @@ def train(recipe: Recipe, model_key: Optional[str] = None) -> str:
         t0 = time.perf_counter()
         model, head = build(prep, head_cfg, tcfg.learning_rate)
         logger = tracking.EpochLogger(len(prep.task.splits["train"]))
-        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger])
+        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger, tracking.EpochProgress(tcfg.epochs, mcfg.key)])
         train_s = time.perf_counter() - t0
         mlflow.log_metrics({"train_seconds": train_s, "seconds_per_epoch": float(np.mean(logger.epoch_seconds)),
                             "images_per_s": len(prep.task.splits["train"]) * tcfg.epochs / train_s})
+        if mcfg.finetune is not None:
+            from harness.finetune import finetune
+
+            prep, model = finetune(prep, head, mcfg.finetune, tcfg.batch_size)
         finish(prep, model, head)
         mlflow.log_metric("total_seconds", time.perf_counter() - t0 + prep.info["prepare_seconds"])
     return active.info.run_id

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import harness.paths  # noqa: F401  imported before any test changes the environment (it reads it once)
+
 REAL_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid-xray").resolve()
 
 
@@ -22,7 +24,11 @@ def harness_home(tmp_path, session_cache, monkeypatch) -> Path:
     monkeypatch.setenv("HARNESS_HOME", str(home))
     monkeypatch.setenv("HARNESS_CACHE", str(session_cache))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # setenv (not delenv) so pytest restores them: MLflow itself exports both variables once it is used.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    monkeypatch.setattr("harness.paths._USER_TRACKING_URI", None)
     return home
 
 

@@ -22,8 +22,10 @@ def study(tmp_path_factory, session_cache):
     import os
 
     tmp = tmp_path_factory.mktemp("study")
-    old = {k: os.environ.get(k) for k in ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME")}
+    keys = ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+    old = {k: os.environ.get(k) for k in keys}
     os.environ.update(HARNESS_HOME=str(tmp / "home"), HARNESS_CACHE=str(session_cache), KERAS_HOME=str(tmp / "k"))
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     recipe = write_recipe(tmp / "r.yaml", **{"models": [
         {"task": "task2", "backbone": "efficientnet_lite0", "weights": "imagenet"},
         {"task": "task2", "backbone": "vgg19", "weights": "none"},
@@ -129,6 +131,7 @@ def test_ui_serves_the_store_and_prints_the_experiment_url(study, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HARNESS_HOME": str(study["home"]), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the store comes from HARNESS_HOME, as for a user
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--study", "tiny"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)

@@ -65,3 +65,22 @@ def test_demo_recipe_dataset_builds(tmp_path):
     task = prepare_task(recipe, "task2")
     assert task.classes == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
     assert task.x.shape[1:] == (96, 96, 3) and np.bincount(task.y).tolist() == [24] * 4
+
+
+@pytest.mark.slow
+def test_augmentation_bypasses_the_cache_and_says_so(tmp_path, mlflow_client):
+    from harness import features
+
+    from conftest import write_recipe
+
+    path = write_recipe(tmp_path / "aug.yaml", **{"training.augment": True, "training.epochs": 1})
+    before = dict(features.STATS)
+    res = CliRunner().invoke(app, ["train", str(path)])
+    assert res.exit_code == 0, res.output
+    assert features.STATS["hits"] == before["hits"] and features.STATS["misses"] == before["misses"]
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tiny").experiment_id])
+    assert run.data.tags["feature_cache"] == "bypassed (augmentation)"
+    model = harness.load_model(f"runs:/{run.info.run_id}/model")
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), model.predict(x, verbose=0))  # augmentation off at inference
+    assert any(layer.name == "augment" for layer in model.layers)

@@ -26,12 +26,19 @@ def build_head(feature_shape: tuple, n_classes: int, units: list[int], dropout: 
     return keras.Model(inputs, out, name=name)
 
 
+def augmentation() -> keras.Sequential:
+    """Mild geometric augmentation, active only in training: X-rays keep their orientation roughly."""
+    return keras.Sequential([keras.layers.RandomRotation(0.05), keras.layers.RandomZoom(0.1),
+                             keras.layers.RandomTranslation(0.05, 0.05)], name="augment")
+
+
 def assemble(backbone: keras.Model, head: keras.Model, preprocess: str, image_size: int,
-             trainable_backbone: bool) -> keras.Model:
-    """Raw 0-255 images -> preprocessing -> backbone -> head, as one model that is logged and reloaded."""
+             trainable_backbone: bool, augment: bool = False) -> keras.Model:
+    """Raw 0-255 images -> (augmentation) -> preprocessing -> backbone -> head, one model logged and reloaded."""
     backbone.trainable = trainable_backbone
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = Preprocess(preprocess, name="preprocess")(inputs)
+    x = augmentation()(inputs) if augment else inputs
+    x = Preprocess(preprocess, name="preprocess")(x)
     # training=False keeps BatchNorm in inference mode, frozen or fine-tuned (Keras transfer-learning guide):
     # on a few hundred images, updating BatchNorm statistics wrecks the pretrained features.
     x = backbone(x, training=False)
