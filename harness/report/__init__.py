@@ -83,6 +83,9 @@ def _mcnemar(models: list[ModelResult]) -> list:
                      _f(res["p_value"], 4), verdict])
     headers = ["task", "model A", "model B", "both right", "only A right", "only B right", "both wrong",
                "exact McNemar p", "verdict"]
+    if not rows:
+        return [h("Pairwise comparison on the same test images", 2),
+                p("Each task has one model here: no pair to compare (the floor comparison above still applies).")]
     return [h("Pairwise comparison on the same test images", 2),
             p("Exact McNemar test on the images where exactly one model is right (the discordant pairs)."),
             table(headers, rows, "mcnemar")]
