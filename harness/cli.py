@@ -23,7 +23,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect image folders.")
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weights available offline.")
 app.add_typer(data_app, name="data")
 app.add_typer(weights_app, name="weights")
-console = Console(stderr=True)
 out = Console()
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"

@@ -209,11 +209,15 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
         mlflow.log_metrics({"search_seconds": search_s, "trials_completed": len(completed),
                             "trials_total": len(tuner.oracle.trials),
                             f"best.{space.objective}": float(tuner.oracle.get_best_trials(1)[0].score)})
+        t1 = time.perf_counter()
         final = refit(prep, best, parent.info.run_id)
+        t2 = time.perf_counter()
         if prep.feats is not None:
             from harness.baseline import baseline
 
             final["baseline"] = baseline(prep, parent.info.run_id)
+        mlflow.log_metrics({"refit_total_seconds": t2 - t1, "baseline_seconds": time.perf_counter() - t2,
+                            "prepare_seconds": prep.info["prepare_seconds"]})
     return {"model": mcfg.key, "parent_run_id": parent.info.run_id, "best": best, **final}
 
 

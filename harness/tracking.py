@@ -109,9 +109,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 class EpochLogger(keras.callbacks.Callback):
     """Logs every epoch's metrics plus seconds per epoch and training images per second to the active run."""
 
-    def __init__(self, n_train: int, initial_epoch: int = 0):
+    def __init__(self, n_train: int, initial_epoch: int = 0, log: bool = True):
         super().__init__()
-        self.n_train = n_train
+        self.n_train, self.log = n_train, log
         self.initial_epoch = initial_epoch
         self.epoch_seconds: list[float] = []
         self._t0 = 0.0
@@ -122,9 +122,10 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         dt = time.perf_counter() - self._t0
         self.epoch_seconds.append(dt)
-        metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics.update(epoch_seconds=dt, images_per_s=self.n_train / dt if dt > 0 else 0.0)
-        mlflow.log_metrics(metrics, step=epoch)
+        if self.log:
+            metrics = {k: float(v) for k, v in (logs or {}).items()}
+            metrics.update(epoch_seconds=dt, images_per_s=self.n_train / dt if dt > 0 else 0.0)
+            mlflow.log_metrics(metrics, step=epoch)
 
 
 class EpochProgress(keras.callbacks.Callback):

@@ -121,6 +121,7 @@ def predict_raw(prep: Prepared, model_fit: keras.Model, split: str) -> np.ndarra
 def finish(prep: Prepared, model_fit: keras.Model, head: keras.Model, register_as: Optional[str] = None) -> dict:
     """Evaluate once on val and test, log figures, predictions, embeddings and the full model (once)."""
     t, out = prep.task, {}
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = []
@@ -142,6 +143,7 @@ def finish(prep: Prepared, model_fit: keras.Model, head: keras.Model, register_a
                              "pred": t.classes[pred[j]], "mode": t.modes[i],
                              **{f"p.{c}": round(float(proba[j, k]), 6) for k, c in enumerate(t.classes)}})
         mlflow.log_text(json.dumps(rows, indent=0), "predictions.json")
+        t1 = time.perf_counter()
         # Penultimate-layer features of every image, for the report's t-SNE.
         feats = prep.feats if prep.feats is not None else extract(
             prep.backbone, SPECS[prep.mcfg.backbone].preprocess, t.x, label="Embedding images")
@@ -152,7 +154,10 @@ def finish(prep: Prepared, model_fit: keras.Model, head: keras.Model, register_a
         np.savez_compressed(tmp / "embeddings.npz", embedding=emb.astype(np.float32), y=t.y,
                             split=split_of.astype(str), mode=np.array(t.modes), classes=np.array(t.classes))
         mlflow.log_artifact(str(tmp / "embeddings.npz"))
+    t2 = time.perf_counter()
     log_full_model(prep, full_model(prep, head), register_as)
+    mlflow.log_metrics({"evaluate_seconds": t1 - t0, "embed_seconds": t2 - t1,
+                        "log_model_seconds": time.perf_counter() - t2})
     return out
 
 

@@ -3,7 +3,6 @@ that match MLflow, and an HTML file that renders in headless Chromium with its i
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

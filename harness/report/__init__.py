@@ -53,7 +53,10 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
                 f"head {m.params.get('head.units', '?')}, dropout {m.params.get('head.dropout', '?')}, " \
                 f"lr {m.params.get('training.learning_rate', '?')} (not tuned)"
             search_s = m.search.data.metrics.get("search_seconds") if m.search else None
-            row = [m.key, m.backbone, WEIGHTS_WORDS.get(m.tags.get("weights", ""), m.tags.get("weights", "?")), hp,
+            sha = m.tags.get("weights_sha256", "")
+            weights = WEIGHTS_WORDS.get(m.tags.get("weights", ""), m.tags.get("weights", "?")) + \
+                (f" (sha256 {sha[:12]})" if sha else "")
+            row = [m.key, m.backbone, weights, hp,
                    t.get("n", 0),
                    f"{_f(t.get('accuracy'))} [{_f(t.get('accuracy_ci_low'))}, {_f(t.get('accuracy_ci_high'))}]",
                    f"[{_f(t.get('accuracy_cp_low'))}, {_f(t.get('accuracy_cp_high'))}]", _f(t.get("macro_f1"))]
