@@ -23,3 +23,22 @@ def test_names_are_escaped_and_images_embedded(tmp_path):
 def test_empty_table_still_renders(tmp_path):
     assert "<table id='e'>" in to_html([table(["a"], [], "e")], "t")
     assert to_markdown([table(["a"], [], "e")], Path(tmp_path)).startswith("| a |")
+
+
+def test_cpu_vs_gpu_table_from_runs_of_the_same_model():
+    """The report pairs runs of one model on a CPU and on a GPU (newest of each) and states the speed-up."""
+    from types import SimpleNamespace as NS
+
+    from harness.report import _timing
+    from harness.report.collect import Study
+
+    def run(key, device, spe):
+        return NS(data=NS(metrics={"seconds_per_epoch": spe}, tags={"model_key": key, "device": device}))
+
+    runs = [run("task2-vgg19", "GPU", 0.5), run("task2-vgg19", "CPU", 20.0), run("task2-vgg19", "CPU", 99.0),
+            run("task1-vgg19", "CPU", 10.0)]
+    blocks = _timing([], Study("s", "1", [], [], runs))
+    side = next(b for b in blocks if b[0] == "table" and b[3] == "cpu-gpu")
+    assert side[2] == [["task2-vgg19", "20.000", "0.500", "40.0x"]]  # task1 has no GPU run: not paired
+    only_cpu = _timing([], Study("s", "1", [], [], runs[-1:]))
+    assert not any(b[0] == "table" and b[3] == "cpu-gpu" for b in only_cpu)
