@@ -38,7 +38,8 @@ def guarded(fn):
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            print("interrupted: runs in progress were marked KILLED; resume with --resume", file=sys.stderr)
+            print("interrupted: runs in progress were marked KILLED (a search continues with `harness tune ... "
+                  "--resume`)", file=sys.stderr)
             raise typer.Exit(130)
         except typer.Exit:
             raise
@@ -57,6 +58,19 @@ def _overrides(**kw) -> dict:
     return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
 
 
+def _load(recipe: Path, overrides: dict, model_overrides: Optional[dict] = None):
+    """Load a recipe with overrides. --epochs also reaches models that carry their own `training` block (the seed
+    recipe's do), since a model's block would otherwise silently win over the recipe-level value."""
+    from harness.recipe import load_recipe
+
+    base = load_recipe(recipe, overrides)
+    extra = dict(model_overrides or {})
+    if "training.epochs" in overrides:
+        extra.update({f"models.{i}.training.epochs": overrides["training.epochs"]
+                      for i, m in enumerate(base.models) if m.training is not None})
+    return load_recipe(recipe, {**overrides, **extra}) if extra else base
+
+
 @app.command()
 @guarded
 def train(recipe: RecipeArg,
@@ -67,13 +81,12 @@ def train(recipe: RecipeArg,
           image_size: Annotated[Optional[int], typer.Option(help="Override data.image_size.")] = None,
           data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
     """Train one configuration of a recipe as one tracked MLflow run."""
-    from harness.recipe import load_recipe
     from harness.train import train as train_fn
 
-    base = load_recipe(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs))
+    overrides = _overrides(data_root=data_root, image_size=image_size, epochs=epochs)
+    base = _load(recipe, overrides)
     index = base.models.index(base.model(model))
-    extra = {f"models.{index}.backbone": backbone, f"models.{index}.weights": weights}
-    r = load_recipe(recipe, {**_overrides(data_root=data_root, image_size=image_size, epochs=epochs), **extra})
+    r = _load(recipe, overrides, {f"models.{index}.backbone": backbone, f"models.{index}.weights": weights})
     run_id = train_fn(r, r.models[index].key)
     _print_store(r.study, f"run {run_id}")
 
@@ -88,11 +101,9 @@ def tune(recipe: RecipeArg,
          image_size: Annotated[Optional[int], typer.Option(help="Override data.image_size.")] = None,
          data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
     """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered."""
-    from harness.recipe import load_recipe
     from harness.search import tune as tune_fn
 
-    r = load_recipe(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs,
-                                       max_trials=max_trials))
+    r = _load(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs, max_trials=max_trials))
     for res in tune_fn(r, only=only, resume=resume):
         t = res["test"]
         acc = f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci_low']:.3f}, {t['accuracy_ci_high']:.3f}]" \

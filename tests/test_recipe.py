@@ -83,3 +83,16 @@ def test_cli_missing_data_folder_names_it(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     res = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert res.exit_code == 2 and "no-such-root" in res.output and "folder not found" in res.output
+
+
+def test_epochs_override_reaches_models_with_their_own_training(monkeypatch):
+    """`--epochs` must win over a model's own training block (the seed recipe has one per model)."""
+    import harness.train as tr
+
+    seen = {}
+    monkeypatch.setattr(tr, "train", lambda recipe, key: seen.update(recipe=recipe, key=key) or "run")
+    res = CliRunner().invoke(app, ["train", str(ROOT / "recipes" / "seed.yaml"), "--model", "task2-densenet121",
+                                   "--weights", "none", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    m = seen["recipe"].model(seen["key"])
+    assert seen["key"] == "task2-densenet121" and seen["recipe"].training_for(m).epochs == 2 and m.weights == "none"
