@@ -19,7 +19,7 @@ from harness import tracking
 from harness.errors import HarnessError
 from harness.paths import get_paths
 from harness.recipe import FloatRange, HeadConfig, ModelConfig, Recipe, SearchConfig
-from harness.train import Prepared, build, finish, fit, log_context, model_params, prepare
+from harness.train import Prepared, build, fit_and_finish, log_context, model_params, prepare
 
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
 
@@ -240,19 +240,7 @@ def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
         log_context(prep)
         mlflow.log_params(model_params(prep, head_cfg, tcfg))
         mlflow.log_params({f"hp.{k}": v for k, v in best.items()})
-        t0 = time.perf_counter()
-        model, head = build(prep, head_cfg, lr)
-        logger = tracking.EpochLogger(len(prep.task.splits["train"]))
-        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger, tracking.EpochProgress(tcfg.epochs, mcfg.key)],
-            restore_best=space.objective)
-        train_s = time.perf_counter() - t0
-        mlflow.log_metrics({"train_seconds": train_s, "seconds_per_epoch": train_s / max(1, len(logger.epoch_seconds)),
-                            "images_per_s": len(prep.task.splits["train"]) * len(logger.epoch_seconds) / train_s})
-        if mcfg.finetune is not None:
-            from harness.finetune import finetune
-
-            prep, model = finetune(prep, head, mcfg.finetune, tcfg.batch_size)
-        results = finish(prep, model, head, register_as=register_as)
+        results = fit_and_finish(prep, head_cfg, lr, tcfg, restore_best=space.objective, register_as=register_as)
     return {"final_run_id": final.info.run_id, "registered_model": register_as,
             "test": results.get("test", {}), "val": results.get("val", {})}
 

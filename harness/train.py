@@ -171,6 +171,25 @@ def log_full_model(prep: Prepared, model: keras.Model, register_as: Optional[str
                            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
 
 
+def fit_and_finish(prep: Prepared, head_cfg: HeadConfig, learning_rate: float, tcfg: TrainingConfig,
+                   restore_best: Optional[str] = None, register_as: Optional[str] = None) -> dict:
+    """Inside an active run: fit a head (the recipe's, or the best a search found), fine-tune when the model asks
+    for it, then evaluate once, log and (optionally) register. Shared by `train` and the search's refit."""
+    t0 = time.perf_counter()
+    model, head = build(prep, head_cfg, learning_rate)
+    logger = tracking.EpochLogger(len(prep.task.splits["train"]))
+    fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger, tracking.EpochProgress(tcfg.epochs, prep.mcfg.key)],
+        restore_best=restore_best)
+    train_s = time.perf_counter() - t0
+    mlflow.log_metrics({"train_seconds": train_s, "seconds_per_epoch": float(np.mean(logger.epoch_seconds)),
+                        "images_per_s": len(prep.task.splits["train"]) * len(logger.epoch_seconds) / train_s})
+    if prep.mcfg.finetune is not None:
+        from harness.finetune import finetune
+
+        prep, model = finetune(prep, head, prep.mcfg.finetune, tcfg.batch_size)
+    return finish(prep, model, head, register_as=register_as)
+
+
 def train(recipe: Recipe, model_key: Optional[str] = None) -> str:
     """Train one configuration (the recipe's head and training settings) as one MLflow run; returns its run id."""
     mcfg = recipe.model(model_key)
@@ -181,16 +200,6 @@ def train(recipe: Recipe, model_key: Optional[str] = None) -> str:
         log_context(prep)
         mlflow.log_params(model_params(prep, head_cfg, tcfg))
         t0 = time.perf_counter()
-        model, head = build(prep, head_cfg, tcfg.learning_rate)
-        logger = tracking.EpochLogger(len(prep.task.splits["train"]))
-        fit(model, prep, tcfg.epochs, tcfg.batch_size, [logger, tracking.EpochProgress(tcfg.epochs, mcfg.key)])
-        train_s = time.perf_counter() - t0
-        mlflow.log_metrics({"train_seconds": train_s, "seconds_per_epoch": float(np.mean(logger.epoch_seconds)),
-                            "images_per_s": len(prep.task.splits["train"]) * tcfg.epochs / train_s})
-        if mcfg.finetune is not None:
-            from harness.finetune import finetune
-
-            prep, model = finetune(prep, head, mcfg.finetune, tcfg.batch_size)
-        finish(prep, model, head)
+        fit_and_finish(prep, head_cfg, tcfg.learning_rate, tcfg)
         mlflow.log_metric("total_seconds", time.perf_counter() - t0 + prep.info["prepare_seconds"])
     return active.info.run_id

@@ -25,6 +25,16 @@ def _f(x, nd=3) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def paired(rows_a: list[dict], rows_b: list[dict]) -> Optional[dict]:
+    """Exact McNemar of two sets of per-image predictions, or None unless they cover the same test images."""
+    a = {r["file"]: r["true"] == r["pred"] for r in rows_a}
+    b = {r["file"]: r["true"] == r["pred"] for r in rows_b}
+    if not a or set(a) != set(b):
+        return None
+    files = sorted(a)
+    return mcnemar(np.array([a[f] for f in files]), np.array([b[f] for f in files]))
+
+
 def test_metrics(m: ModelResult) -> dict:
     """Recomputed from the logged per-image predictions (and checked against the logged values by the tests)."""
     rows = m.split("test")
@@ -74,13 +84,10 @@ def _mcnemar(models: list[ModelResult]) -> list:
     for a, b in itertools.combinations(models, 2):
         if a.task != b.task:
             continue
-        pa = {r["file"]: r["true"] == r["pred"] for r in a.split("test")}
-        pb = {r["file"]: r["true"] == r["pred"] for r in b.split("test")}
-        if not pa or set(pa) != set(pb):
+        res = paired(a.split("test"), b.split("test"))
+        if res is None:
             rows.append([a.task, a.key, b.key, "—", "—", "—", "—", "—", "different test sets: not comparable"])
             continue
-        files = sorted(pa)
-        res = mcnemar(np.array([pa[f] for f in files]), np.array([pb[f] for f in files]))
         verdict = "significant at 0.05" if res["p_value"] < 0.05 else "not significant: no evidence either is better"
         rows.append([a.task, a.key, b.key, res["both_right"], res["a_only"], res["b_only"], res["both_wrong"],
                      _f(res["p_value"], 4), verdict])
@@ -96,13 +103,10 @@ def _mcnemar(models: list[ModelResult]) -> list:
 
 def _floor(models: list[ModelResult], computed: dict) -> list:
     rows = []
-    for m in [m for m in models if m.baseline is not None and m.baseline_predictions]:
-        bm = {r["file"]: r["true"] == r["pred"] for r in m.baseline_predictions}
-        tm = {r["file"]: r["true"] == r["pred"] for r in m.split("test")}
-        if set(bm) != set(tm):
+    for m in [m for m in models if m.baseline is not None]:
+        res = paired(m.split("test"), m.baseline_predictions)
+        if res is None:
             continue
-        files = sorted(tm)
-        res = mcnemar(np.array([tm[f] for f in files]), np.array([bm[f] for f in files]))
         b, t = m.baseline.data.metrics, computed[m.key]
         diff = t["accuracy"] - b["test.accuracy"]
         rows.append([m.key, f"{_f(b.get('cv_accuracy'))} ± {_f(b.get('cv_accuracy_std'))}",
