@@ -3,7 +3,6 @@ file path. Nothing here ever downloads: a missing ImageNet file is one clear lin
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,6 +10,7 @@ from typing import Callable, Optional
 import keras
 
 from harness.errors import HarnessError
+from harness.hashing import sha256_cached
 from harness.paths import get_paths
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -68,24 +68,6 @@ class WeightsInfo:
                 "weights_source": self.source or "", "weights_source_sha256": self.source_sha256 or ""}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_HASHES: dict[tuple[str, float], str] = {}
-
-
-def _hash_cached(path: Path) -> str:
-    key = (str(path), path.stat().st_mtime)
-    if key not in _HASHES:
-        _HASHES[key] = sha256_file(path)
-    return _HASHES[key]
-
-
 def imagenet_file(name: str) -> Path:
     """The local ImageNet weights file for a backbone, or a HarnessError saying how to get it offline."""
     spec = SPECS[name]
@@ -108,8 +90,8 @@ def resolve_weights(name: str, weights: str) -> WeightsInfo:
     if not path.is_file():
         raise HarnessError(f"weights file not found: {path}")
     source = SPECS[name].imagenet_source() if weights == "imagenet" and SPECS[name].imagenet_source else None
-    return WeightsInfo("imagenet" if weights == "imagenet" else "file", str(path), _hash_cached(path),
-                       str(source) if source else None, _hash_cached(source) if source else None)
+    return WeightsInfo("imagenet" if weights == "imagenet" else "file", str(path), sha256_cached(path),
+                       str(source) if source else None, sha256_cached(source) if source else None)
 
 
 def build_backbone(name: str, weights: str, image_size: int) -> tuple[keras.Model, WeightsInfo]:

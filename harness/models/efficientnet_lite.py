@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.hashing import sha256_file
 from harness.paths import get_paths
 
 # (expand ratio, kernel, first stride, output channels, repeats) — the B0 layout
@@ -106,7 +107,6 @@ def _assign(model: keras.Model, sd: dict[str, np.ndarray]) -> None:
 
 def convert(source: Path, out_dir: Path) -> dict[str, Path]:
     """Convert the torch file into Keras weight files {'top': ..., 'notop': ...} (once; reused by hash)."""
-    from harness.models.backbones import sha256_file
     from harness.models.torch_pickle import load_state_dict
 
     tag = sha256_file(source)[:16]
