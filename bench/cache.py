@@ -1,8 +1,9 @@
 """Seconds per trial through the backbone (as the seed) vs on cached features, same data and epochs; the ratio.
 
-    python bench/cache.py --recipe recipes/challenge.yaml --model task2-vgg19 --weights none --epochs 2
-    python bench/cache.py            # demo data, EfficientNet-Lite0, 224 px
+python bench/cache.py --recipe recipes/challenge.yaml --model task2-vgg19 --weights none --epochs 2
+python bench/cache.py            # demo data, EfficientNet-Lite0, 224 px
 """
+
 import argparse
 from pathlib import Path
 

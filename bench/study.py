@@ -1,7 +1,8 @@
 """Wall time and peak RSS of a whole study (tune + compare), by phase.
 
-    python bench/study.py --recipe recipes/challenge.yaml --only task1-efficientnet_lite0 --only task2-efficientnet_lite0
+python bench/study.py --recipe recipes/challenge.yaml --only task1-efficientnet_lite0 --only task2-efficientnet_lite0
 """
+
 import argparse
 from pathlib import Path
 

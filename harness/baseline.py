@@ -1,6 +1,7 @@
 """The floor every tuned head must beat: logistic regression on globally pooled features of the same frozen
 backbone, fitted on train+validation and scored once on the same test images as the tuned model (so the report can
 pair them with McNemar), plus its 5-fold cross-validated accuracy on train+validation (the floor's own protocol)."""
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from harness import tracking
-from harness.evaluate import metrics
-from harness.train import Prepared
-
-
-def pooled(feats: np.ndarray) -> np.ndarray:
-    return feats.mean(axis=(1, 2)) if feats.ndim == 4 else feats.reshape(len(feats), -1)
+from harness.evaluate import metrics, prediction_rows
+from harness.prepared import Prepared
 
 
 def baseline(prep: Prepared, parent_run_id: str) -> dict:
     t, seed = prep.task, prep.recipe.data.seed
-    x = pooled(prep.feats)
+    x = prep.pooled
     fit_idx = np.concatenate([t.splits["train"], t.splits["val"]])
     test_idx = t.splits["test"]
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
@@ -31,10 +28,16 @@ def baseline(prep: Prepared, parent_run_id: str) -> dict:
     cv = cross_val_score(model, x[fit_idx], t.y[fit_idx], cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     model.fit(x[fit_idx], t.y[fit_idx])
     out = {"cv_accuracy": float(cv.mean()), "cv_accuracy_std": float(cv.std()), "cv_folds": folds}
-    with tracking.run(f"baseline {prep.mcfg.key}", nested=True, tags={
-            "harness.kind": "baseline", "mlflow.parentRunId": parent_run_id, "model_key": prep.mcfg.key,
-            "task": prep.mcfg.task, "backbone": prep.mcfg.backbone,
-            "baseline": "StandardScaler + LogisticRegression on average-pooled backbone features"}):
+    with tracking.run(
+        f"baseline {prep.mcfg.key}",
+        nested=True,
+        tags={
+            "harness.kind": "baseline",
+            "mlflow.parentRunId": parent_run_id,
+            **tracking.model_tags(prep.recipe, prep.mcfg),
+            "baseline": "StandardScaler + LogisticRegression on average-pooled backbone features",
+        },
+    ):
         mlflow.log_metrics(out)
         rows = []
         if len(test_idx):
@@ -42,9 +45,6 @@ def baseline(prep: Prepared, parent_run_id: str) -> dict:
             m = metrics(t.y[test_idx], proba, t.classes, seed=seed)
             out["test"] = m
             mlflow.log_metrics({f"test.{k}": v for k, v in m.items() if np.isfinite(v)})
-            pred = proba.argmax(axis=1)
-            rows = [{"file": str(t.files[i]), "split": "test", "true": t.classes[t.y[i]], "pred": t.classes[pred[j]],
-                     **{f"p.{c}": round(float(proba[j, k]), 6) for k, c in enumerate(t.classes)}}
-                    for j, i in enumerate(test_idx)]
+            rows = prediction_rows(t, test_idx, proba, "test")
         mlflow.log_text(json.dumps(rows, indent=0), "predictions.json")
     return out

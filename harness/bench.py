@@ -1,5 +1,7 @@
-"""Benchmarks (scripts, never timed tests): what the feature cache saves per trial, and what a whole study costs by
-phase. Each prints a table and JSON lines and logs a `bench` run with device tags to the `bench` experiment."""
+"""Benchmarks (scripts, never timed tests): what the feature cache saves per trial, what a trial costs against the
+plainest loop that could train the same head, and what a whole study costs by phase. Each prints a table and one
+JSON line and logs a `bench` run with device tags to the `bench` experiment."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +9,13 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Optional
 
 import keras
 import mlflow
 import numpy as np
 
 from harness import tracking
+from harness.paths import get_paths
 from harness.recipe import Recipe, load_recipe
 
 
@@ -36,12 +38,13 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
-def cache_benchmark(recipe: Recipe, model_key: Optional[str], epochs: int) -> dict:
+def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     """The same frozen-backbone trial (data, head, epochs) (a) through the backbone every epoch, as the seed did,
     and (b) on cached features. Extraction is timed separately: it is paid once per study, not per trial."""
     from harness.features import extract
+    from harness.fit import fit_on, make_optimizer
     from harness.models.backbones import SPECS
-    from harness.train import build, fit, full_model, prepare
+    from harness.prepared import prepare
 
     mcfg = recipe.model(model_key)
     prep = prepare(recipe, mcfg)
@@ -49,49 +52,240 @@ def cache_benchmark(recipe: Recipe, model_key: Optional[str], epochs: int) -> di
     t0 = time.perf_counter()
     extract(prep.backbone, SPECS[mcfg.backbone].preprocess, prep.task.x, label="Timing extraction")
     extract_s = time.perf_counter() - t0
-
-    keras.utils.set_random_seed(0)
-    head_model, _ = build(prep, head_cfg, tcfg.learning_rate)
-    cached_log = tracking.EpochLogger(len(prep.task.splits["train"]), log=False)  # the bench logs a summary
-    t0 = time.perf_counter()
-    fit(head_model, prep, epochs, tcfg.batch_size, [cached_log])
-    cached_s = time.perf_counter() - t0
-
-    keras.utils.set_random_seed(0)
-    _, head = build(prep, head_cfg, tcfg.learning_rate)
-    raw = full_model(prep, head)
-    from harness.models import compile_model
-
-    compile_model(raw, prep.n_classes, tcfg.learning_rate)
-    images = dataclasses.replace(prep, feats=None)
-    raw_log = tracking.EpochLogger(len(prep.task.splits["train"]), log=False)
-    t0 = time.perf_counter()
-    fit(raw, images, epochs, tcfg.batch_size, [raw_log])
-    raw_s = time.perf_counter() - t0
-
-    n, full = len(prep.task.splits["train"]), tcfg.epochs
+    splits = prep.task.splits
+    runs = {}
+    for name, p in (("cached", prep), ("raw", dataclasses.replace(prep, feats=None))):
+        keras.utils.set_random_seed(0)
+        model, _ = p.build(head_cfg)
+        runs[name] = fit_on(
+            p,
+            model,
+            head_cfg.pooling,
+            splits["train"],
+            splits["val"],
+            epochs,
+            tcfg.batch_size,
+            make_optimizer(tcfg.optimizer, tcfg.learning_rate),
+            seed=0,
+        )
+    raw, cached = runs["raw"], runs["cached"]
+    n, full = len(splits["train"]), tcfg.epochs
     # Steady state = median of epochs after the first (the first also traces the graph). A recipe-length trial is
     # projected from the measured first and steady-state epochs; the measured short trial is reported beside it.
-    raw_steady = float(np.median(raw_log.epoch_seconds[1:] or raw_log.epoch_seconds))
-    cached_steady = float(np.median(cached_log.epoch_seconds[1:] or cached_log.epoch_seconds))
-    raw_full = raw_s + (full - epochs) * raw_steady
-    cached_full = cached_s + (full - epochs) * cached_steady
-    result = {"model": mcfg.key, "image_size": recipe.data.image_size, "epochs": epochs, "train_images": n,
-              "through_backbone_s_per_trial": raw_s, "cached_s_per_trial": cached_s, "extract_once_s": extract_s,
-              "speedup": raw_s / cached_s, "speedup_incl_extraction_1_trial": raw_s / (cached_s + extract_s),
-              "through_backbone_s_per_epoch": raw_steady, "cached_s_per_epoch": cached_steady,
-              "speedup_per_epoch": raw_steady / cached_steady, "recipe_epochs": full,
-              "projected_through_backbone_s_per_recipe_trial": raw_full,
-              "projected_cached_s_per_recipe_trial": cached_full, "projected_speedup_recipe_trial": raw_full / cached_full,
-              "through_backbone_img_per_s": n * epochs / raw_s, "cached_img_per_s": n * epochs / cached_s}
-    _log_bench(f"cache {mcfg.key}", result, {"model": mcfg.key, "image_size": recipe.data.image_size,
-                                             "epochs": epochs, "recipe": str(recipe.source)})
+    raw_steady = float(np.median(raw.epoch_seconds[1:] or raw.epoch_seconds))
+    cached_steady = float(np.median(cached.epoch_seconds[1:] or cached.epoch_seconds))
+    raw_full = raw.seconds + (full - epochs) * raw_steady
+    cached_full = cached.seconds + (full - epochs) * cached_steady
+    result = {
+        "model": mcfg.key,
+        "image_size": recipe.data.image_size,
+        "epochs": epochs,
+        "train_images": n,
+        "through_backbone_s_per_trial": raw.seconds,
+        "cached_s_per_trial": cached.seconds,
+        "extract_once_s": extract_s,
+        "speedup": raw.seconds / cached.seconds,
+        "speedup_incl_extraction_1_trial": raw.seconds / (cached.seconds + extract_s),
+        "through_backbone_s_per_epoch": raw_steady,
+        "cached_s_per_epoch": cached_steady,
+        "speedup_per_epoch": raw_steady / cached_steady,
+        "recipe_epochs": full,
+        "projected_through_backbone_s_per_recipe_trial": raw_full,
+        "projected_cached_s_per_recipe_trial": cached_full,
+        "projected_speedup_recipe_trial": raw_full / cached_full,
+        "through_backbone_img_per_s": raw.images_per_s,
+        "cached_img_per_s": cached.images_per_s,
+    }
+    _log_bench(
+        f"cache {mcfg.key}",
+        result,
+        {"model": mcfg.key, "image_size": recipe.data.image_size, "epochs": epochs, "recipe": str(recipe.source)},
+    )
     return result
 
 
-def study_benchmark(recipe: Recipe, only: Optional[list[str]], max_trials: Optional[int]) -> dict:
+def plain_loop_seconds(
+    feature_shape: tuple,
+    n_classes: int,
+    units: list[int],
+    dropout: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    xv: np.ndarray,
+    yv: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    jit: bool,
+) -> float:
+    """The lower bound of a trial: the same head (same layers, Adam, same epochs and batches, a validation pass per
+    epoch) trained by the plainest compiled loop on tensors already in memory, with nothing recorded. Written here
+    on purpose, not borrowed from `harness.fit`, so the harness is measured against code it does not share."""
+    import tensorflow as tf
+
+    from harness.models import build_head
+
+    t0 = time.perf_counter()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    head = build_head(feature_shape, n_classes, units, dropout, "flatten")
+    opt = keras.optimizers.Adam(lr)
+    opt.build(head.trainable_variables)
+    if n_classes == 2:
+        loss_fn, y, yv = (
+            keras.losses.BinaryCrossentropy(),
+            y.reshape(-1, 1).astype("float32"),
+            yv.reshape(-1, 1).astype("float32"),
+        )
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    x_t, y_t, xv_t, yv_t = (tf.constant(a) for a in (x, y, xv, yv))
+    n, steps = len(x), -(-len(x) // batch_size)
+
+    @tf.function(jit_compile=jit)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, head(xb, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, head.trainable_variables), head.trainable_variables))
+
+    @tf.function
+    def epoch(perm):
+        for s in tf.range(steps):
+            idx = perm[s * batch_size : (s + 1) * batch_size]
+            step(tf.gather(x_t, idx), tf.gather(y_t, idx))
+        return loss_fn(yv_t, head(xv_t, training=False))
+
+    rng = np.random.default_rng(0)
+    for _ in range(epochs):
+        float(epoch(tf.constant(rng.permutation(n))))
+    return time.perf_counter() - t0
+
+
+def keras_fit_seconds(
+    feature_shape: tuple,
+    n_classes: int,
+    units: list[int],
+    dropout: float,
+    x,
+    y,
+    xv,
+    yv,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+) -> float:
+    """The same head through `model.compile` + `model.fit` with validation data: what a trial cost before."""
+    from harness.models import build_head
+
+    t0 = time.perf_counter()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    head = build_head(feature_shape, n_classes, units, dropout, "flatten")
+    head.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        metrics=["accuracy"],
+        loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
+    )
+    head.fit(
+        x,
+        y.astype("float32") if n_classes == 2 else y,
+        validation_data=(xv, yv),
+        epochs=epochs,
+        batch_size=batch_size,
+        verbose=0,
+    )
+    return time.perf_counter() - t0
+
+
+def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> dict:
+    """Seconds of one recipe trial through the harness (a one-trial Keras Tuner search inside a parent run: oracle,
+    build, fit, MLflow trial run, tuner state) against the plain compiled loop on preloaded tensors, for an avg and
+    a flatten head with the recipe's depth, epochs and batch size. Medians of `repeats`."""
+    from harness.prepared import prepare
+    from harness.recipe import FloatRange, IntRange
+    from harness.search import make_tuner
+
+    mcfg = recipe.model(model_key)
+    prep = prepare(recipe, mcfg)
+    head_cfg, tcfg = recipe.head_for(mcfg), recipe.training_for(mcfg)
+    depth, width = len(head_cfg.units), max(head_cfg.units)
+    units = [width] * depth
+    tracking.setup("bench")
+    result = {
+        "model": mcfg.key,
+        "image_size": recipe.data.image_size,
+        "epochs": tcfg.epochs,
+        "batch_size": tcfg.batch_size,
+        "units": units,
+        "train_images": len(prep.task.splits["train"]),
+        "repeats": repeats,
+    }
+    with tracking.run(f"trial bench {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}) as parent:
+        for pooling in ("avg", "flatten"):
+            space = recipe.search.model_copy(
+                update={
+                    "tuner": "random",
+                    "max_trials": 1,
+                    "depth": IntRange(min=depth, max=depth),
+                    "units": [width],
+                    "dropout": FloatRange(min=head_cfg.dropout, max=head_cfg.dropout),
+                    "learning_rate": [tcfg.learning_rate],
+                    "pooling": [pooling],
+                }
+            )
+            harness_s = []
+            for r in range(repeats):
+                project = get_paths().tuner_dir / "bench" / f"trial-{pooling}-{r}"
+                tuner = make_tuner(prep, space, project, False, parent.info.run_id, tcfg.epochs, 1)
+                t0 = time.perf_counter()
+                tuner.search(verbose=0)
+                harness_s.append(time.perf_counter() - t0)
+                (trial,) = tuner.oracle.trials.values()
+                if trial.status != "COMPLETED":
+                    raise RuntimeError(f"the benchmark's {pooling} trial failed: {trial.message}")
+            shape = prep.head_input_shape(pooling)
+            data = (*prep.inputs("train", pooling), *prep.inputs("val", pooling))
+            args = (
+                shape,
+                prep.n_classes,
+                units,
+                head_cfg.dropout,
+                *data,
+                tcfg.epochs,
+                tcfg.batch_size,
+                tcfg.learning_rate,
+            )
+            plain = {
+                jit: float(np.median([plain_loop_seconds(*args, jit=jit) for _ in range(repeats)]))
+                for jit in (False, True)
+            }
+            lower = min(plain.values())
+            h = float(np.median(harness_s))
+            result.update(
+                {
+                    f"{pooling}.harness_s": h,
+                    f"{pooling}.plain_loop_s": plain[False],
+                    f"{pooling}.plain_loop_xla_s": plain[True],
+                    f"{pooling}.lower_bound_s": lower,
+                    f"{pooling}.ratio_to_lower_bound": h / lower,
+                    f"{pooling}.keras_fit_s": keras_fit_seconds(*args),
+                    f"{pooling}.head_params": int(
+                        sum(
+                            np.prod(w.shape)
+                            for w in prep.build(head_cfg.model_copy(update={"units": units, "pooling": pooling}))[
+                                1
+                            ].weights
+                        )
+                    ),
+                }
+            )
+            result[f"{pooling}.keras_fit_over_harness"] = result[f"{pooling}.keras_fit_s"] / h
+        mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
+    return result
+
+
+def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | None) -> dict:
     """Wall time and peak RSS of a whole study (tune + compare), broken down by phase from the runs it logged."""
-    from harness.features import STATS
     from harness.report import compare
     from harness.search import tune
 
@@ -102,11 +296,11 @@ def study_benchmark(recipe: Recipe, only: Optional[list[str]], max_trials: Optio
     compare(recipe.study, expected=[m.key for m in recipe.models])
     report_s = time.perf_counter() - t1
     c = tracking.client()
-    phases = {"validation_decoding": 0.0, "extraction": STATS["extract_seconds"], "trials": 0.0, "refit_and_log": 0.0,
-              "floor_baseline": 0.0}
+    phases = {"validation_decoding": 0.0, "extraction": 0.0, "trials": 0.0, "refit_and_log": 0.0, "floor_baseline": 0.0}
     for r in results:
         parent = c.get_run(r["parent_run_id"]).data.metrics
         phases["validation_decoding"] += parent.get("data_seconds", 0.0)
+        phases["extraction"] += parent.get("extract_seconds", 0.0)
         phases["trials"] += parent.get("search_seconds", 0.0)  # the search alone; it stops before the refit
         phases["refit_and_log"] += parent.get("refit_total_seconds", 0.0)  # retrain, evaluate, embed, log, register
         phases["floor_baseline"] += parent.get("baseline_seconds", 0.0)
@@ -114,41 +308,81 @@ def study_benchmark(recipe: Recipe, only: Optional[list[str]], max_trials: Optio
     phases["other"] = max(0.0, tune_s - sum(phases.values()))
     phases["report"] = report_s
     total = time.perf_counter() - t0
-    result = {"study": recipe.study, "models": [r["model"] for r in results], "trials_per_model": max_trials or
-              recipe.search.max_trials, "image_size": recipe.data.image_size, "total_s": total,
-              "peak_rss_mib": peak_rss_mib(), **{f"phase.{k}_s": v for k, v in phases.items()},
-              **{f"test_accuracy.{r['model']}": r["test"].get("accuracy", float("nan")) for r in results}}
-    _log_bench(f"study {recipe.study}", result, {"study": recipe.study, "image_size": recipe.data.image_size,
-                                                  "models": ",".join(result["models"])})
+    result = {
+        "study": recipe.study,
+        "models": [r["model"] for r in results],
+        "trials_per_model": max_trials or recipe.search.max_trials,
+        "image_size": recipe.data.image_size,
+        "total_s": total,
+        "peak_rss_mib": peak_rss_mib(),
+        **{f"phase.{k}_s": v for k, v in phases.items()},
+        **{f"test_accuracy.{r['model']}": r["test"].get("accuracy", float("nan")) for r in results},
+    }
+    _log_bench(
+        f"study {recipe.study}",
+        result,
+        {"study": recipe.study, "image_size": recipe.data.image_size, "models": ",".join(result["models"])},
+    )
     return result
 
 
-def main_cache(recipe_path: Path, model: Optional[str], epochs: int, overrides: dict) -> None:
+def main_cache(recipe_path: Path, model: str | None, epochs: int, overrides: dict) -> None:
     r = cache_benchmark(load_recipe(recipe_path, overrides), model, epochs)
-    print_rows(f"Feature cache benchmark: {r['model']}, {r['image_size']} px, {r['epochs']} epochs, "
-               f"{r['train_images']} training images", [
-                   ("through the backbone, s/trial", f"{r['through_backbone_s_per_trial']:.1f}"),
-                   ("on cached features, s/trial", f"{r['cached_s_per_trial']:.2f}"),
-                   ("one-off extraction, s", f"{r['extract_once_s']:.1f}"),
-                   ("speed-up per trial (measured)", f"{r['speedup']:.0f}x"),
-                   ("speed-up for 1 trial incl. extraction", f"{r['speedup_incl_extraction_1_trial']:.1f}x"),
-                   ("steady-state s/epoch: backbone vs cached",
-                    f"{r['through_backbone_s_per_epoch']:.2f} vs {r['cached_s_per_epoch']:.3f}"),
-                   ("speed-up per epoch (steady state)", f"{r['speedup_per_epoch']:.0f}x"),
-                   (f"projected {r['recipe_epochs']}-epoch trial: backbone vs cached, s",
-                    f"{r['projected_through_backbone_s_per_recipe_trial']:.0f} vs "
-                    f"{r['projected_cached_s_per_recipe_trial']:.1f}"),
-                   (f"projected speed-up per {r['recipe_epochs']}-epoch trial",
-                    f"{r['projected_speedup_recipe_trial']:.0f}x")])
+    print_rows(
+        f"Feature cache benchmark: {r['model']}, {r['image_size']} px, {r['epochs']} epochs, "
+        f"{r['train_images']} training images",
+        [
+            ("through the backbone, s/trial", f"{r['through_backbone_s_per_trial']:.1f}"),
+            ("on cached features, s/trial", f"{r['cached_s_per_trial']:.2f}"),
+            ("one-off extraction, s", f"{r['extract_once_s']:.1f}"),
+            ("speed-up per trial (measured)", f"{r['speedup']:.0f}x"),
+            ("speed-up for 1 trial incl. extraction", f"{r['speedup_incl_extraction_1_trial']:.1f}x"),
+            (
+                "steady-state s/epoch: backbone vs cached",
+                f"{r['through_backbone_s_per_epoch']:.2f} vs {r['cached_s_per_epoch']:.3f}",
+            ),
+            ("speed-up per epoch (steady state)", f"{r['speedup_per_epoch']:.0f}x"),
+            (
+                f"projected {r['recipe_epochs']}-epoch trial: backbone vs cached, s",
+                f"{r['projected_through_backbone_s_per_recipe_trial']:.0f} vs "
+                f"{r['projected_cached_s_per_recipe_trial']:.1f}",
+            ),
+            (f"projected speed-up per {r['recipe_epochs']}-epoch trial", f"{r['projected_speedup_recipe_trial']:.0f}x"),
+        ],
+    )
     print(json.dumps(r))
 
 
-def main_study(recipe_path: Path, only: Optional[list[str]], max_trials: Optional[int], overrides: dict) -> None:
+def main_trial(recipe_path: Path, model: str | None, repeats: int, overrides: dict) -> None:
+    r = trial_benchmark(load_recipe(recipe_path, overrides), model, repeats)
+    rows = []
+    for pooling in ("avg", "flatten"):
+        rows += [
+            (f"{pooling}: harness trial, s", f"{r[f'{pooling}.harness_s']:.2f}"),
+            (
+                f"{pooling}: plain compiled loop, s (XLA step)",
+                f"{r[f'{pooling}.plain_loop_s']:.2f} ({r[f'{pooling}.plain_loop_xla_s']:.2f})",
+            ),
+            (f"{pooling}: harness / lower bound", f"{r[f'{pooling}.ratio_to_lower_bound']:.2f}x"),
+            (f"{pooling}: Keras model.fit, s (as before)", f"{r[f'{pooling}.keras_fit_s']:.2f}"),
+            (f"{pooling}: head parameters", f"{r[f'{pooling}.head_params']:,}"),
+        ]
+    print_rows(
+        f"Trial benchmark: {r['model']}, {r['image_size']} px, {r['epochs']} epochs, batch {r['batch_size']}, "
+        f"units {r['units']}, {r['train_images']} training images, median of {r['repeats']}",
+        rows,
+    )
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+
+
+def main_study(recipe_path: Path, only: list[str] | None, max_trials: int | None, overrides: dict) -> None:
     r = study_benchmark(load_recipe(recipe_path, overrides), only, max_trials)
-    rows = [(k.removeprefix("phase.").removesuffix("_s"), f"{v:.1f} s") for k, v in r.items()
-            if k.startswith("phase.")]
+    rows = [(k.removeprefix("phase.").removesuffix("_s"), f"{v:.1f} s") for k, v in r.items() if k.startswith("phase.")]
     rows += [("total", f"{r['total_s']:.1f} s"), ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")]
     rows += [(k, f"{v:.3f}") for k, v in r.items() if k.startswith("test_accuracy.")]
-    print_rows(f"Study benchmark: {r['study']} ({', '.join(r['models'])}), {r['image_size']} px, "
-               f"{r['trials_per_model']} trials per model", rows)
+    print_rows(
+        f"Study benchmark: {r['study']} ({', '.join(r['models'])}), {r['image_size']} px, "
+        f"{r['trials_per_model']} trials per model",
+        rows,
+    )
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))

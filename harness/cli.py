@@ -2,14 +2,16 @@
 
 Every command turns a HarnessError into one line on stderr and exit code 2 (never a traceback), Ctrl-C into 130.
 """
+
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,8 +19,9 @@ from rich.table import Table
 
 from harness.errors import HarnessError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help=__doc__.split("\n")[0])
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0]
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect image folders.")
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weights available offline.")
 app.add_typer(data_app, name="data")
@@ -29,6 +32,26 @@ DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (a study).")]
 
 
+@app.callback()
+def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False):
+    """Which backbone and head classify these chest X-rays best, how sure are we, and what did it cost?"""
+    setup_logging(logging.WARNING if quiet else logging.INFO)
+
+
+def setup_logging(level: int) -> None:
+    """The library logs (`logging.getLogger("harness...")`); the CLI decides how much of it the user sees."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("harness")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addHandler(
+        RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+    )
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,29 +59,40 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except HarnessError as e:
             print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            print("interrupted: runs in progress were marked KILLED (a search continues with `harness tune ... "
-                  "--resume`)", file=sys.stderr)
-            raise typer.Exit(130)
+            print(
+                "interrupted: runs in progress were marked KILLED (a search continues with `harness tune ... "
+                "--resume`)",
+                file=sys.stderr,
+            )
+            raise typer.Exit(130) from None
         except typer.Exit:
             raise
         except Exception as e:  # a bug, not bad input: still one line, the traceback on request
             if os.environ.get("HARNESS_DEBUG"):
                 raise
-            print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                  f"(set HARNESS_DEBUG=1 for the traceback)", file=sys.stderr)
-            raise typer.Exit(1)
+            print(
+                f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                f"(set HARNESS_DEBUG=1 for the traceback)",
+                file=sys.stderr,
+            )
+            raise typer.Exit(1) from None
+
     return wrapper
 
 
 def _overrides(**kw) -> dict:
-    keys = {"data_root": "data.root", "image_size": "data.image_size", "epochs": "training.epochs",
-            "max_trials": "search.max_trials"}
+    keys = {
+        "data_root": "data.root",
+        "image_size": "data.image_size",
+        "epochs": "training.epochs",
+        "max_trials": "search.max_trials",
+    }
     return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
 
 
-def _load(recipe: Path, overrides: dict, model_overrides: Optional[dict] = None):
+def _load(recipe: Path, overrides: dict, model_overrides: dict | None = None):
     """Load a recipe with overrides. --epochs also reaches models that carry their own `training` block (the seed
     recipe's do), since a model's block would otherwise silently win over the recipe-level value."""
     from harness.recipe import load_recipe
@@ -66,20 +100,27 @@ def _load(recipe: Path, overrides: dict, model_overrides: Optional[dict] = None)
     base = load_recipe(recipe, overrides)
     extra = dict(model_overrides or {})
     if "training.epochs" in overrides:
-        extra.update({f"models.{i}.training.epochs": overrides["training.epochs"]
-                      for i, m in enumerate(base.models) if m.training is not None})
+        extra.update(
+            {
+                f"models.{i}.training.epochs": overrides["training.epochs"]
+                for i, m in enumerate(base.models)
+                if m.training is not None
+            }
+        )
     return load_recipe(recipe, {**overrides, **extra}) if extra else base
 
 
 @app.command()
 @guarded
-def train(recipe: RecipeArg,
-          model: Annotated[Optional[str], typer.Option(help="Model name (task-backbone); default the first.")] = None,
-          backbone: Annotated[Optional[str], typer.Option(help="Override the model's backbone.")] = None,
-          weights: Annotated[Optional[str], typer.Option(help="imagenet | none | path to a weights file.")] = None,
-          epochs: Annotated[Optional[int], typer.Option(help="Override training.epochs.")] = None,
-          image_size: Annotated[Optional[int], typer.Option(help="Override data.image_size.")] = None,
-          data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
+def train(
+    recipe: RecipeArg,
+    model: Annotated[str | None, typer.Option(help="Model name (task-backbone); default the first.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Override the model's backbone.")] = None,
+    weights: Annotated[str | None, typer.Option(help="imagenet | none | path to a weights file.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Override data.image_size.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
+):
     """Train one configuration of a recipe as one tracked MLflow run."""
     from harness.train import train as train_fn
 
@@ -93,29 +134,38 @@ def train(recipe: RecipeArg,
 
 @app.command()
 @guarded
-def tune(recipe: RecipeArg,
-         only: Annotated[Optional[list[str]], typer.Option(help="Only this model (task-backbone or task/backbone); repeatable.")] = None,
-         max_trials: Annotated[Optional[int], typer.Option(help="Override search.max_trials.")] = None,
-         resume: Annotated[bool, typer.Option(help="Finish an interrupted search instead of starting over.")] = False,
-         epochs: Annotated[Optional[int], typer.Option(help="Override training.epochs.")] = None,
-         image_size: Annotated[Optional[int], typer.Option(help="Override data.image_size.")] = None,
-         data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
+def tune(
+    recipe: RecipeArg,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Only this model (task-backbone or task/backbone); repeatable.")
+    ] = None,
+    max_trials: Annotated[int | None, typer.Option(help="Override search.max_trials.")] = None,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted search instead of starting over.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Override data.image_size.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
+):
     """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered."""
     from harness.search import tune as tune_fn
 
     r = _load(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs, max_trials=max_trials))
     for res in tune_fn(r, only=only, resume=resume):
         t = res["test"]
-        acc = f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci_low']:.3f}, {t['accuracy_ci_high']:.3f}]" \
-            if t else "no test split"
+        acc = (
+            f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci_low']:.3f}, {t['accuracy_ci_high']:.3f}]"
+            if t
+            else "no test split"
+        )
         out.print(f"{res['model']}: best {res['best']}; {acc}; registered {res['registered_model']}", highlight=False)
     _print_store(r.study, "tuning finished")
 
 
 @app.command()
 @guarded
-def compare(study: Annotated[str, typer.Argument(help="A recipe YAML file or a study name.")],
-            out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default under HARNESS_HOME).")] = None):
+def compare(
+    study: Annotated[str, typer.Argument(help="A recipe YAML file or a study name.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default under HARNESS_HOME).")] = None,
+):
     """Build the comparison report (report.html, report.md, PNGs) of a study from its MLflow runs."""
     from harness.pipeline import compare_study
 
@@ -125,9 +175,11 @@ def compare(study: Annotated[str, typer.Argument(help="A recipe YAML file or a s
 
 @app.command()
 @guarded
-def study(recipe: RecipeArg,
-          max_trials: Annotated[Optional[int], typer.Option(help="Override search.max_trials.")] = None,
-          data_root: Annotated[Optional[Path], typer.Option(help="Folder the task folders are relative to.")] = None):
+def study(
+    recipe: RecipeArg,
+    max_trials: Annotated[int | None, typer.Option(help="Override search.max_trials.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
+):
     """A whole study: tune every model of the recipe, then build the comparison report."""
     from harness.pipeline import run_study
     from harness.recipe import load_recipe
@@ -151,18 +203,29 @@ def demo():
 
 @app.command()
 @guarded
-def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-       study: Annotated[Optional[str], typer.Option(help="Print the URL of this study's experiment.")] = None):
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    study: Annotated[str | None, typer.Option(help="Print the URL of this study's experiment.")] = None,
+):
     """Start the MLflow UI on 127.0.0.1 for the harness's store."""
+    from harness.paths import get_paths
     from harness.pipeline import ui as ui_fn
+    from harness.pipeline import ui_url
 
-    ui_fn(port, study)
+    out.print(
+        f"MLflow UI for {get_paths().tracking_uri} at {ui_url(port, study)} (Ctrl-C to stop)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    ui_fn(port)
 
 
 @data_app.command("check")
 @guarded
-def data_check(folder: Annotated[Path, typer.Argument(help="A folder of class folders.")],
-               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="A folder of class folders.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
     """Class counts, image sizes, colour modes and problems of a class-folder tree."""
     from harness.data import check_folder
 
@@ -174,9 +237,14 @@ def data_check(folder: Annotated[Path, typer.Argument(help="A folder of class fo
         for col in ("class", "images", "modes", "width", "height", "MB"):
             table.add_column(col)
         for c, s in report["classes"].items():
-            table.add_row(c, str(s["n"]), ", ".join(f"{m} {k}" for m, k in s["modes"].items()),
-                          f"{s['min_w']}–{s['max_w']}" if s["n"] else "-", f"{s['min_h']}–{s['max_h']}" if s["n"] else "-",
-                          f"{s['bytes'] / 1e6:.1f}")
+            table.add_row(
+                c,
+                str(s["n"]),
+                ", ".join(f"{m} {k}" for m, k in s["modes"].items()),
+                f"{s['min_w']}–{s['max_w']}" if s["n"] else "-",
+                f"{s['min_h']}–{s['max_h']}" if s["n"] else "-",
+                f"{s['bytes'] / 1e6:.1f}",
+            )
         out.print(table)
         for p in report["problems"]:
             out.print(f"problem: {p}", highlight=False, markup=False)

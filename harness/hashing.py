@@ -1,4 +1,5 @@
 """Content hashes of files, shared by every stage that keys a cache or tags a run with what it read."""
+
 from __future__ import annotations
 
 import hashlib

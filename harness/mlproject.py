@@ -1,5 +1,6 @@
 """MLproject entry points. MLflow passes every declared parameter, empty ones included, so this drops the empty
 options (and turns `--resume true|false` into the flag) and hands the rest to the same `harness` CLI."""
+
 from __future__ import annotations
 
 import os

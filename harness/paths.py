@@ -3,12 +3,12 @@
 Default home is `./.harness` under the working directory (absolute from then on), so the CLI, `mlflow run` and
 `harness ui` started from the project root share one store. `MLFLOW_TRACKING_URI` overrides the tracking store.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
 
 # MLflow's set_tracking_uri() exports MLFLOW_TRACKING_URI into this process's environment, so the variable is read
 # once, at import, before the harness has called MLflow: only a value the user set counts as an override.

@@ -1,16 +1,16 @@
 """Whole-study actions that chain the stages: `demo` (recipe -> search -> report) and the `ui` launcher."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 from harness.paths import get_paths
 from harness.recipe import Recipe, load_recipe
 
 
-def compare_study(study_or_recipe: str, out: Optional[Path] = None) -> Path:
+def compare_study(study_or_recipe: str, out: Path | None = None) -> Path:
     """`harness compare`: a recipe file names its study and the models to expect; a bare name is a study."""
     from harness.report import compare
 
@@ -21,7 +21,7 @@ def compare_study(study_or_recipe: str, out: Optional[Path] = None) -> Path:
     return compare(study_or_recipe, out)
 
 
-def run_study(recipe: Recipe, out: Optional[Path] = None) -> Path:
+def run_study(recipe: Recipe, out: Path | None = None) -> Path:
     from harness.report import compare
     from harness.search import tune
 
@@ -34,8 +34,8 @@ def demo(recipe_path: Path) -> Path:
     return run_study(load_recipe(recipe_path))
 
 
-def ui(port: int = 5000, study: Optional[str] = None) -> None:
-    p = get_paths()
+def ui_url(port: int = 5000, study: str | None = None) -> str:
+    """Where the UI of the harness store will answer: its study's runs table when the study exists."""
     url = f"http://127.0.0.1:{port}"
     if study:
         from harness import tracking
@@ -43,6 +43,25 @@ def ui(port: int = 5000, study: Optional[str] = None) -> None:
         exp = tracking.client().get_experiment_by_name(study)
         if exp is not None:
             url += f"/#/experiments/{exp.experiment_id}/runs"
-    print(f"MLflow UI for {p.tracking_uri} at {url} (Ctrl-C to stop)", flush=True)
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", p.tracking_uri,
-                    "--default-artifact-root", p.artifact_root.as_uri(), "--host", "127.0.0.1", "--port", str(port)])
+    return url
+
+
+def ui(port: int = 5000) -> None:
+    """The MLflow UI of the harness store on 127.0.0.1 (until Ctrl-C)."""
+    p = get_paths()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            p.tracking_uri,
+            "--default-artifact-root",
+            p.artifact_root.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    )

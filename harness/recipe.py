@@ -3,10 +3,11 @@
 `load_recipe(path, overrides)` applies command-line overrides to the raw YAML *before* validation, so an override is
 checked exactly like a value in the file. Errors come back as one line naming the file and the field.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,20 +23,21 @@ class Strict(BaseModel):
 
 class Synthetic(Strict):
     """Generated phantom data (the embedded default): no files need to exist beforehand."""
+
     per_class: int = Field(24, ge=4, le=2000)
     size: int = Field(128, ge=32, le=1024)
     seed: int = 0
 
 
 class DataConfig(Strict):
-    root: Optional[Path] = None  # task folders are relative to this (else to the recipe's folder)
-    synthetic: Optional[Synthetic] = None  # when set, root is the generated demo data
+    root: Path | None = None  # task folders are relative to this (else to the recipe's folder)
+    synthetic: Synthetic | None = None  # when set, root is the generated demo data
     image_size: int = Field(224, ge=32, le=1024)
     colour: Literal["grey", "rgb"] = "grey"  # grey: colour mode is a source shortcut in the COVID data
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0, lt=0.5)  # carved from train when a task has no test folder
     seed: int = 42
-    group_pattern: Optional[str] = None  # regex on the file name; group 1 (or the match) = patient id
+    group_pattern: str | None = None  # regex on the file name; group 1 (or the match) = patient id
     on_bad_file: Literal["fail", "skip"] = "fail"
     min_side: int = Field(32, ge=1)
     max_pixels: int = Field(60_000_000, ge=1)  # decompression-bomb guard
@@ -43,8 +45,8 @@ class DataConfig(Strict):
 
 class TaskConfig(Strict):
     train_dir: Path
-    test_dir: Optional[Path] = None  # used when it exists under the data root, else a test split is carved
-    classes: Optional[list[str]] = None  # a subset of the class folders; default all
+    test_dir: Path | None = None  # used when it exists under the data root, else a test split is carved
+    classes: list[str] | None = None  # a subset of the class folders; default all
 
     @field_validator("classes")
     @classmethod
@@ -71,14 +73,14 @@ class TrainingConfig(Strict):
     epochs: int = Field(10, ge=1, le=1000)
     augment: bool = False  # random flips/rotations/zoom while training; images then go through the backbone
     batch_size: int = Field(16, ge=1, le=4096)
-    optimizer: Literal["adam"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"  # Keras' defaults but the learning rate
     learning_rate: float = Field(1e-4, gt=0, lt=1)
 
 
 class FloatRange(Strict):
     min: float
     max: float
-    step: Optional[float] = None
+    step: float | None = None
     log: bool = False
 
     @model_validator(mode="after")
@@ -106,7 +108,7 @@ class SearchConfig(Strict):
     dropout: FloatRange = FloatRange(min=0.1, max=0.5, step=0.05)
     depth: IntRange = IntRange(min=1, max=3)
     units: list[int] = Field(default_factory=lambda: [64, 128, 256])
-    learning_rate: Union[list[float], FloatRange] = Field(default_factory=lambda: [1e-4, 5e-4, 1e-3])
+    learning_rate: list[float] | FloatRange = Field(default_factory=lambda: [1e-4, 5e-4, 1e-3])
     pooling: list[Literal["flatten", "avg"]] = Field(default_factory=lambda: ["avg"])
     seed: int = 42
     max_consecutive_failures: int = Field(3, ge=1)
@@ -115,6 +117,7 @@ class SearchConfig(Strict):
 
 class FinetuneConfig(Strict):
     """Second stage after the head: unfreeze the top layers, lower learning rate, BatchNorm kept in inference mode."""
+
     unfreeze_layers: int = Field(20, ge=1)
     learning_rate: float = Field(1e-5, gt=0, lt=1)
     epochs: int = Field(3, ge=1, le=1000)
@@ -125,10 +128,10 @@ class ModelConfig(Strict):
     backbone: Literal[BACKBONES]  # type: ignore[valid-type]
     weights: str = "imagenet"  # imagenet | none | path to a .weights.h5 / .h5 file
     trainable: bool = False  # True fine-tunes the whole backbone from the start (the seed's DenseNet121)
-    name: Optional[str] = None
-    head: Optional[HeadConfig] = None
-    training: Optional[TrainingConfig] = None
-    finetune: Optional[FinetuneConfig] = None
+    name: str | None = None
+    head: HeadConfig | None = None
+    training: TrainingConfig | None = None
+    finetune: FinetuneConfig | None = None
 
     @property
     def key(self) -> str:
@@ -143,7 +146,7 @@ class Recipe(Strict):
     head: HeadConfig = HeadConfig()
     training: TrainingConfig = TrainingConfig()
     search: SearchConfig = SearchConfig()
-    source: Optional[Path] = Field(None, exclude=True)  # the file it came from, for messages and relative paths
+    source: Path | None = Field(None, exclude=True)  # the file it came from, for messages and relative paths
 
     @model_validator(mode="after")
     def _models_name_tasks(self):
@@ -155,7 +158,7 @@ class Recipe(Strict):
             raise ValueError("models: two models share a name; give one a distinct 'name'")
         return self
 
-    def model(self, key: Optional[str] = None) -> ModelConfig:
+    def model(self, key: str | None = None) -> ModelConfig:
         if key is None:
             return self.models[0]
         for m in self.models:
@@ -197,7 +200,7 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
-def load_recipe(path: Union[str, Path], overrides: Optional[dict] = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Read, override and validate a recipe; relative data paths are anchored to the recipe's folder."""
     path = Path(path)
     if not path.is_file():

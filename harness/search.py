@@ -4,12 +4,13 @@ refit, evaluated once on the test split, logged once and registered as `<study>-
 
 Only public Keras Tuner hooks are used: `HyperModel.build` and `Tuner.run_trial` (wrapped, not replaced).
 """
+
 from __future__ import annotations
 
 import json
-import math
+import logging
+import os
 import time
-from typing import Optional
 
 import keras
 import keras_tuner as kt
@@ -17,10 +18,13 @@ import mlflow
 
 from harness import tracking
 from harness.errors import HarnessError
+from harness.finalize import fit_and_finish, registered_name
+from harness.fit import fit_on, make_optimizer
 from harness.paths import get_paths
+from harness.prepared import Prepared, prepare, refresh_backbone
 from harness.recipe import FloatRange, HeadConfig, ModelConfig, Recipe, SearchConfig
-from harness.train import Prepared, build, fit_and_finish, log_context, model_params, prepare
 
+log = logging.getLogger(__name__)
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
 
 
@@ -37,8 +41,9 @@ def clean_values(values: dict) -> dict:
 def head_from_values(values: dict, space: SearchConfig) -> tuple[HeadConfig, float]:
     depth = int(values["depth"])
     units = [int(values[f"units_{i}"]) for i in range(depth)]
-    head = HeadConfig(pooling=values.get("pooling", space.pooling[0]), units=units,
-                      dropout=round(float(values["dropout"]), 6))
+    head = HeadConfig(
+        pooling=values.get("pooling", space.pooling[0]), units=units, dropout=round(float(values["dropout"]), 6)
+    )
     return head, float(values["learning_rate"])
 
 
@@ -59,11 +64,16 @@ class HeadHyperModel(kt.HyperModel):
             else:
                 with hp.conditional_scope("depth", list(range(i + 1, s.depth.max + 1))):
                     values[f"units_{i}"] = hp.Choice(f"units_{i}", s.units)
-        values["dropout"] = hp.Float("dropout", s.dropout.min, s.dropout.max, step=s.dropout.step,
-                                     sampling="log" if s.dropout.log else "linear")
+        values["dropout"] = hp.Float(
+            "dropout", s.dropout.min, s.dropout.max, step=s.dropout.step, sampling="log" if s.dropout.log else "linear"
+        )
         if isinstance(s.learning_rate, FloatRange):
-            values["learning_rate"] = hp.Float("learning_rate", s.learning_rate.min, s.learning_rate.max,
-                                               sampling="log" if s.learning_rate.log else "linear")
+            values["learning_rate"] = hp.Float(
+                "learning_rate",
+                s.learning_rate.min,
+                s.learning_rate.max,
+                sampling="log" if s.learning_rate.log else "linear",
+            )
         else:
             values["learning_rate"] = hp.Choice("learning_rate", s.learning_rate)
         if len(s.pooling) > 1:
@@ -71,53 +81,79 @@ class HeadHyperModel(kt.HyperModel):
         return values
 
     def build(self, hp):
-        head, lr = head_from_values(self.declare(hp), self.space)
-        if self.prep.feats is None:  # trainable backbone: every trial starts from the same pretrained weights
+        head, _ = head_from_values(self.declare(hp), self.space)
+        if not self.prep.on_features:  # trainable backbone: every trial starts from the same pretrained weights
             self.prep = refresh_backbone(self.prep)
-        model, _ = build(self.prep, head, lr)
+        model, _ = self.prep.build(head)
         return model
-
-
-def refresh_backbone(prep: Prepared) -> Prepared:
-    from harness.models import build_backbone
-
-    prep.backbone, _ = build_backbone(prep.mcfg.backbone, prep.mcfg.weights, prep.recipe.data.image_size)
-    return prep
 
 
 def _tracked(base: type) -> type:
     class Tracked(base):
-        """Wraps each trial in a nested MLflow run; clears the Keras session first so memory stays flat."""
+        """Runs each trial itself (the documented `run_trial` hook): builds the head, trains it with the harness's
+        compiled loop, records it as one nested MLflow run written in one batch, and returns the objective.
 
-        def __init__(self, *args, parent_run_id: str, n_train: int, trial_seed: int, **kwargs):
+        No per-epoch checkpoint files: only Hyperband reads a trial's weights back (to continue it in a later
+        bracket), so only Hyperband trials save theirs, once, at their best epoch."""
+
+        def __init__(self, *args, prep: Prepared, parent_run_id: str, trial_seed: int, **kwargs):
             super().__init__(*args, **kwargs)
-            self.parent_run_id, self.n_train, self.trial_seed = parent_run_id, n_train, trial_seed
+            self.prep, self.parent_run_id, self.trial_seed = prep, parent_run_id, trial_seed
+            self.recorded = trial_runs(parent_run_id)  # trials with a run already (a resumed search)
+
+        def checkpoint(self, trial_id: str) -> str:
+            return os.path.join(self.get_trial_dir(trial_id), "head.weights.h5")
 
         def run_trial(self, trial, *args, **kwargs):
+            t0 = time.perf_counter()
+            hp, objective = trial.hyperparameters, self.oracle.objective.name
+            recipe, mcfg = self.prep.recipe, self.prep.mcfg
+            tcfg = recipe.training_for(mcfg)
             keras.backend.clear_session()
             keras.utils.set_random_seed(self.trial_seed + int(trial.trial_id))
-            values = clean_values(trial.hyperparameters.values)
-            existing = trial_runs(self.parent_run_id).get(trial.trial_id)
-            logger = tracking.EpochLogger(self.n_train, trial.hyperparameters.values.get("tuner/initial_epoch", 0))
-            kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [logger]
-            t0 = time.perf_counter()
+            values = clean_values(hp.values)
+            head_cfg, lr = head_from_values(values, self.hypermodel.space)
+            tags = {
+                "harness.kind": "trial",
+                "trial_id": trial.trial_id,
+                "mlflow.parentRunId": self.parent_run_id,
+                **{k: str(v) for k, v in hp.values.items() if k.startswith("tuner/")},
+            }
             try:
-                with tracking.run(f"trial {trial.trial_id}", nested=True, run_id=existing,
-                                  tags={"harness.kind": "trial", "trial_id": trial.trial_id,
-                                        "mlflow.parentRunId": self.parent_run_id}):
+                with tracking.run(
+                    f"trial {trial.trial_id}", nested=True, run_id=self.recorded.get(trial.trial_id), tags=tags
+                ) as active:
+                    model = self.hypermodel.build(hp)
+                    initial = int(hp.values.get("tuner/initial_epoch", 0))
+                    epochs = int(hp.values.get("tuner/epochs", tcfg.epochs))
+                    if "tuner/trial_id" in hp.values:
+                        model.load_weights(self.checkpoint(hp.values["tuner/trial_id"]))
+                    splits = self.prep.task.splits
+                    result = fit_on(
+                        self.prep,
+                        model,
+                        head_cfg.pooling,
+                        splits["train"],
+                        splits["val"],
+                        epochs - initial,
+                        tcfg.batch_size,
+                        make_optimizer(tcfg.optimizer, lr),
+                        seed=self.trial_seed + int(trial.trial_id),
+                        monitor=objective,
+                        restore_best="tuner/epochs" in hp.values,
+                    )
+                    if "tuner/epochs" in hp.values:
+                        model.save_weights(self.checkpoint(trial.trial_id))
+                    best = result.best(objective)
+                    seconds = time.perf_counter() - t0
                     mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
-                    if "tuner/epochs" in trial.hyperparameters.values:
-                        mlflow.set_tags({k: str(v) for k, v in trial.hyperparameters.values.items()
-                                         if k.startswith("tuner/")})
-                    results = super().run_trial(trial, *args, **kwargs)
-                    dt = time.perf_counter() - t0
-                    epochs = max(1, len(logger.epoch_seconds))
-                    best = best_of(results, self.oracle.objective)
-                    mlflow.log_metrics({"trial_seconds": dt, "images_per_s": self.n_train * epochs / dt,
-                                        f"best_{self.oracle.objective.name}": best})
-                    print(f"  trial {trial.trial_id}: {self.oracle.objective.name} {best:.4f} in {dt:.1f} s  {values}",
-                          flush=True)
-                    return results
+                    tracking.log_fit(result, offset=initial, run_id=active.info.run_id)
+                    mlflow.log_metrics({"trial_seconds": seconds, f"best_{objective}": best})
+                    log.info("trial %s: %s %.4f in %.1f s  %s", trial.trial_id, objective, best, seconds, values)
+                    return {objective: best}
+            except HarnessError as e:
+                # Bad input is not bad luck: retrying another trial would fail the same way, so the search stops.
+                raise kt.errors.FatalError(str(e)) from e
             except Exception as e:
                 # Recorded FAILED (by tracking.run) with its error; FailedTrialError makes the tuner count it
                 # towards max_consecutive_failed_trials instead of retrying it forever.
@@ -127,21 +163,12 @@ def _tracked(base: type) -> type:
     return Tracked
 
 
-def best_of(results, objective) -> float:
-    histories = results if isinstance(results, list) else [results]
-    vals = []
-    for h in histories:
-        series = h.history.get(objective.name, []) if hasattr(h, "history") else []
-        if series:
-            vals.append(min(series) if objective.direction == "min" else max(series))
-    return float(sum(vals) / len(vals)) if vals else math.nan
-
-
 def trial_runs(parent_run_id: str) -> dict[str, str]:
     """trial_id -> child run id of the trials already recorded under a search run."""
     runs = tracking.client().search_runs(
         [mlflow.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`harness.kind` = 'trial'")
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`harness.kind` = 'trial'",
+    )
     return {r.data.tags["trial_id"]: r.info.run_id for r in runs}
 
 
@@ -155,21 +182,29 @@ def mark_orphans_killed(parent_run_id: str) -> int:
     return n
 
 
-def make_tuner(prep: Prepared, space: SearchConfig, project_dir, resume: bool, parent_run_id: str, epochs: int,
-               max_trials: int):
+def make_tuner(
+    prep: Prepared, space: SearchConfig, project_dir, resume: bool, parent_run_id: str, epochs: int, max_trials: int
+):
+    """The recipe's Keras Tuner kind, wrapped by `_tracked`, its state in `project_dir` (resumable)."""
     base = TUNERS[space.tuner]
-    kwargs = dict(objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
-                  seed=space.seed, directory=str(project_dir.parent), project_name=project_dir.name,
-                  overwrite=not resume, max_consecutive_failed_trials=space.max_consecutive_failures)
+    kwargs = dict(
+        objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
+        seed=space.seed,
+        directory=str(project_dir.parent),
+        project_name=project_dir.name,
+        overwrite=not resume,
+        max_consecutive_failed_trials=space.max_consecutive_failures,
+    )
     if space.tuner == "hyperband":
         kwargs.update(max_epochs=epochs, factor=space.hyperband_factor)
     else:
         kwargs.update(max_trials=max_trials)
-    return _tracked(base)(HeadHyperModel(prep, space), parent_run_id=parent_run_id,
-                          n_train=len(prep.task.splits["train"]), trial_seed=space.seed, **kwargs)
+    return _tracked(base)(
+        HeadHyperModel(prep, space), prep=prep, parent_run_id=parent_run_id, trial_seed=space.seed, **kwargs
+    )
 
 
-def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: Optional[int] = None) -> dict:
+def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: int | None = None) -> dict:
     """Search, refit the best, evaluate once, log and register. Returns a summary of the search."""
     space, tcfg = recipe.search, recipe.training_for(mcfg)
     max_trials = max_trials or space.max_trials
@@ -183,41 +218,67 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
         mark_orphans_killed(parent_id)
     elif resume:
         raise HarnessError(f"nothing to resume for {mcfg.key} in study '{recipe.study}' ({state_file} not found)")
-    tags = {"harness.kind": "search", "task": mcfg.task, "backbone": mcfg.backbone, "weights": mcfg.weights,
-            "tuner": space.tuner, "model_key": mcfg.key, "study": recipe.study}
+    tags = {
+        "harness.kind": "search",
+        **tracking.model_tags(recipe, mcfg),
+        "weights": mcfg.weights,
+        "tuner": space.tuner,
+    }
     t0 = time.perf_counter()
-    print(f"Search {mcfg.key}: {space.tuner}, up to {max_trials} trials, feature cache {prep.info['feature_cache']}",
-          flush=True)
+    log.info(
+        "Search %s: %s, up to %d trials, feature cache %s",
+        mcfg.key,
+        space.tuner,
+        max_trials,
+        prep.info["feature_cache"],
+    )
     with tracking.run(f"search {mcfg.key}", run_id=parent_id, tags=None if parent_id else tags) as parent:
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"run_id": parent.info.run_id}))
         if not parent_id:
-            log_context(prep)
-            mlflow.log_params({**model_params(prep, recipe.head_for(mcfg), tcfg),
-                               **tracking.flatten({"search": space.model_dump(mode="json")}),
-                               "search.max_trials_run": max_trials})
+            tracking.log_context(prep)
+            mlflow.log_params(
+                {
+                    **tracking.model_params(prep, recipe.head_for(mcfg), tcfg),
+                    **tracking.flatten({"search": space.model_dump(mode="json")}),
+                    "search.max_trials_run": max_trials,
+                }
+            )
         tuner = make_tuner(prep, space, project_dir, resume, parent.info.run_id, tcfg.epochs, max_trials)
-        x, y = prep.inputs("train")
-        tuner.search(x, y, validation_data=prep.inputs("val"), epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-                     shuffle=True, verbose=0)
+        try:
+            tuner.search(verbose=0)  # the tuner holds the prepared data; its trials read their splits from it
+        except kt.errors.FatalError as e:
+            if isinstance(e.__cause__, HarnessError):
+                raise e.__cause__ from None
+            raise
         search_s = time.perf_counter() - t0
         completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
         if not completed:
             raise HarnessError(f"{mcfg.key}: no trial completed; see the failed trial runs in MLflow for errors")
         best = clean_values(tuner.get_best_hyperparameters(1)[0].values)
         mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
-        mlflow.log_metrics({"search_seconds": search_s, "trials_completed": len(completed),
-                            "trials_total": len(tuner.oracle.trials),
-                            f"best.{space.objective}": float(tuner.oracle.get_best_trials(1)[0].score)})
+        mlflow.log_metrics(
+            {
+                "search_seconds": search_s,
+                "trials_completed": len(completed),
+                "trials_total": len(tuner.oracle.trials),
+                f"best.{space.objective}": float(tuner.oracle.get_best_trials(1)[0].score),
+            }
+        )
         t1 = time.perf_counter()
         final = refit(prep, best, parent.info.run_id)
         t2 = time.perf_counter()
-        if prep.feats is not None:
+        if prep.on_features:
             from harness.baseline import baseline
 
             final["baseline"] = baseline(prep, parent.info.run_id)
-        mlflow.log_metrics({"refit_total_seconds": t2 - t1, "baseline_seconds": time.perf_counter() - t2,
-                            "prepare_seconds": prep.info["prepare_seconds"]})
+        mlflow.log_metrics(
+            {
+                "refit_total_seconds": t2 - t1,
+                "baseline_seconds": time.perf_counter() - t2,
+                "prepare_seconds": prep.info["prepare_seconds"],
+            }
+        )
     return {"model": mcfg.key, "parent_run_id": parent.info.run_id, "best": best, **final}
 
 
@@ -230,23 +291,36 @@ def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
     head_cfg, lr = head_from_values(best, space)
     keras.backend.clear_session()
     keras.utils.set_random_seed(space.seed)
-    if prep.feats is None:
+    if not prep.on_features:
         prep = refresh_backbone(prep)
-    register_as = f"{recipe.study}-{mcfg.task}-{mcfg.backbone}"
-    with tracking.run(f"final {mcfg.key}", nested=True, tags={
-            "harness.kind": "final", "mlflow.parentRunId": parent_run_id, "task": mcfg.task,
-            "backbone": mcfg.backbone, "model_key": mcfg.key, "study": recipe.study,
-            "registered_model": register_as}) as final:
-        log_context(prep)
-        mlflow.log_params(model_params(prep, head_cfg, tcfg))
+    register_as = registered_name(prep)
+    with tracking.run(
+        f"final {mcfg.key}",
+        nested=True,
+        tags={
+            "harness.kind": "final",
+            "mlflow.parentRunId": parent_run_id,
+            **tracking.model_tags(recipe, mcfg),
+            "registered_model": register_as,
+        },
+    ) as final:
+        tracking.log_context(prep)
+        mlflow.log_params(tracking.model_params(prep, head_cfg, tcfg))
         mlflow.log_params({f"hp.{k}": v for k, v in best.items()})
-        results = fit_and_finish(prep, head_cfg, lr, tcfg, restore_best=space.objective, register_as=register_as)
-    return {"final_run_id": final.info.run_id, "registered_model": register_as,
-            "test": results.get("test", {}), "val": results.get("val", {})}
+        results = fit_and_finish(
+            prep, head_cfg, lr, tcfg, seed=space.seed, restore_best=space.objective, register_as=register_as
+        )
+    return {
+        "final_run_id": final.info.run_id,
+        "registered_model": register_as,
+        "test": results.get("test", {}),
+        "val": results.get("val", {}),
+    }
 
 
-def tune(recipe: Recipe, only: Optional[list[str]] = None, resume: bool = False,
-         max_trials: Optional[int] = None) -> list[dict]:
+def tune(
+    recipe: Recipe, only: list[str] | None = None, resume: bool = False, max_trials: int | None = None
+) -> list[dict]:
     """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`)."""
     from harness.models.backbones import resolve_weights
 

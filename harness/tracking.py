@@ -1,17 +1,22 @@
 """MLflow plumbing: one absolute store, experiments with an explicit artifact root, runs that never stay RUNNING,
-device tags, and a per-epoch metrics/timing callback.
+device and model tags, and batched writes of a fit's per-epoch metrics.
 """
+
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import signal
 import time
-from typing import Iterator, Optional
+from collections import Counter
+from collections.abc import Iterator
 
 import keras
 import mlflow
+import yaml
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from harness.paths import get_paths
@@ -39,7 +44,7 @@ def _sigterm_to_interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def run(name: str, nested: bool = False, run_id: Optional[str] = None, tags: Optional[dict] = None) -> Iterator:
+def run(name: str, nested: bool = False, run_id: str | None = None, tags: dict | None = None) -> Iterator:
     """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C / SIGTERM), never left RUNNING."""
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # only the main thread may install handlers
@@ -106,47 +111,91 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics plus seconds per epoch and training images per second to the active run."""
-
-    def __init__(self, n_train: int, initial_epoch: int = 0, log: bool = True):
-        super().__init__()
-        self.n_train, self.log = n_train, log
-        self.initial_epoch = initial_epoch
-        self.epoch_seconds: list[float] = []
-        self._t0 = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        dt = time.perf_counter() - self._t0
-        self.epoch_seconds.append(dt)
-        if self.log:
-            metrics = {k: float(v) for k, v in (logs or {}).items()}
-            metrics.update(epoch_seconds=dt, images_per_s=self.n_train / dt if dt > 0 else 0.0)
-            mlflow.log_metrics(metrics, step=epoch)
+def model_tags(recipe, mcfg) -> dict[str, str]:
+    """The tags that say which model of which study a run belongs to (search, trial, final, baseline, train)."""
+    return {"study": recipe.study, "task": mcfg.task, "backbone": mcfg.backbone, "model_key": mcfg.key}
 
 
-class EpochProgress(keras.callbacks.Callback):
-    """A Rich progress bar over epochs (fits run with verbose=0 so logs stay clean)."""
+def model_params(prep, head_cfg, tcfg) -> dict[str, str]:
+    """The parameters of a model run: data, task, model, head and training settings as they ran."""
+    r, m = prep.recipe, prep.mcfg
+    return flatten(
+        {
+            "data": r.data.model_dump(mode="json"),
+            "task": {"name": m.task, **r.tasks[m.task].model_dump(mode="json")},
+            "model": m.model_dump(mode="json", exclude={"head", "training"}),
+            "head": head_cfg.model_dump(mode="json"),
+            "training": tcfg.model_dump(mode="json"),
+        }
+    )
+
+
+def log_context(prep) -> None:
+    """Resolved recipe (artifact), data summary and duplicates, device and weights tags, feature-cache info."""
+    t = prep.task
+    mlflow.set_tags(
+        {
+            **device_tags(),
+            **prep.weights.tags(),
+            **model_tags(prep.recipe, prep.mcfg),
+            "test_source": t.test_source,
+            "feature_cache": prep.info["feature_cache"],
+        }
+    )
+    mlflow.log_text(yaml.safe_dump(prep.recipe.resolved(), sort_keys=False), "recipe.yaml")
+    summary = {
+        "classes": t.classes,
+        "counts": t.counts(),
+        "test_source": t.test_source,
+        "train_root": str(t.train_root),
+        "skipped": t.skipped,
+        "duplicates": t.duplicates,
+        "modes": {c: dict(Counter(m for m, y in zip(t.modes, t.y) if y == k)) for k, c in enumerate(t.classes)},
+    }
+    mlflow.log_text(json.dumps(summary, indent=1, default=str), "data.json")
+    mlflow.log_metrics({"data_seconds": prep.info["data_seconds"], "extract_seconds": prep.info["extract_seconds"]})
+
+
+def log_fit(result, offset: int = 0, run_id: str | None = None) -> None:
+    """Every epoch's metrics of a fit (history, epoch seconds, images/s) in batched writes, with their epoch as the
+    step, plus the fit's totals: one write instead of one per epoch, the same metric histories in MLflow."""
+    run_id = run_id or mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    rows = [Metric(k, v, now, step) for k, v, step in result.metrics(offset)]
+    rows += [
+        Metric(k, v, now, 0)
+        for k, v in {
+            "train_seconds": result.seconds,
+            "seconds_per_epoch": sum(result.epoch_seconds) / max(1, result.epochs),
+            "images_per_s": result.images_per_s,
+        }.items()
+    ]
+    c = client()
+    for i in range(0, len(rows), 1000):  # the tracking API's limit per batch
+        c.log_batch(run_id, metrics=rows[i : i + 1000])
+
+
+class EpochProgress:
+    """A transient Rich progress bar over epochs, fed by `fit_model(on_epoch=...)`."""
 
     def __init__(self, epochs: int, label: str):
-        super().__init__()
-        self.epochs, self.label = epochs, label
-        self._progress = None
-
-    def on_train_begin(self, logs=None):
         from rich.progress import Progress
 
+        self.label = label
         self._progress = Progress(transient=True)
+        self._task = self._progress.add_task(f"Training {label}", total=epochs)
+
+    def __enter__(self):
         self._progress.start()
-        self._task = self._progress.add_task(f"Training {self.label}", total=self.epochs)
+        return self
 
-    def on_epoch_end(self, epoch, logs=None):
-        val = (logs or {}).get("val_loss")
-        self._progress.update(self._task, advance=1, description=f"Training {self.label}"
-                              + (f" (val_loss {val:.3f})" if val is not None else ""))
-
-    def on_train_end(self, logs=None):
+    def __exit__(self, *exc):
         self._progress.stop()
+
+    def __call__(self, epoch: int, logs: dict) -> None:
+        val = logs.get("val_loss")
+        self._progress.update(
+            self._task,
+            advance=1,
+            description=f"Training {self.label}" + (f" (val_loss {val:.3f})" if val is not None else ""),
+        )

@@ -1,5 +1,6 @@
 """Shared fixtures: every test gets its own MLflow store; decoded images, features and converted weights are cached
 once per session. KERAS_HOME points at an empty folder, so nothing can reach for ImageNet downloads."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Backbones, heads and weights: the seed's heads exactly, preprocessing parity with Keras, the offline weights
 policy, the EfficientNet-Lite0 converter (proved on natural photos) and the fine-tuning stage."""
+
 import pickle
 import sys
 
@@ -20,12 +21,15 @@ def _counts(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone,units,dropout,classes,trainable,expected", [
-    # (trainable, non-trainable) parameter counts copied from the seed report's model summaries
-    ("vgg19", [256, 256, 64], 0.25, 2, False, (6_505_089, 20_024_384)),
-    ("vgg19", [256, 256, 128, 64], 0.2, 4, False, (6_529_988, 20_024_384)),
-    ("densenet121", [256, 256, 256, 256, 128, 64, 64], 0.25, 4, True, (20_042_116, 83_648)),
-])
+@pytest.mark.parametrize(
+    "backbone,units,dropout,classes,trainable,expected",
+    [
+        # (trainable, non-trainable) parameter counts copied from the seed report's model summaries
+        ("vgg19", [256, 256, 64], 0.25, 2, False, (6_505_089, 20_024_384)),
+        ("vgg19", [256, 256, 128, 64], 0.2, 4, False, (6_529_988, 20_024_384)),
+        ("densenet121", [256, 256, 256, 256, 128, 64, 64], 0.25, 4, True, (20_042_116, 83_648)),
+    ],
+)
 def test_seed_heads_have_the_seed_parameter_counts(backbone, units, dropout, classes, trainable, expected):
     bb, _ = build_backbone(backbone, "none", 224)
     head = build_head(bb.output.shape[1:], classes, units, dropout, "flatten")
@@ -35,8 +39,10 @@ def test_seed_heads_have_the_seed_parameter_counts(backbone, units, dropout, cla
     assert n_dropout == len(units) - 1  # after every hidden layer but the last, as in the seed
 
 
-@pytest.mark.parametrize("mode,fn", [("caffe", keras.applications.vgg19.preprocess_input),
-                                     ("torch", keras.applications.densenet.preprocess_input)])
+@pytest.mark.parametrize(
+    "mode,fn",
+    [("caffe", keras.applications.vgg19.preprocess_input), ("torch", keras.applications.densenet.preprocess_input)],
+)
 def test_preprocess_layer_matches_keras(mode, fn):
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(Preprocess(mode)(x)), fn(x.copy()), rtol=1e-5, atol=1e-4)
@@ -85,9 +91,11 @@ def test_efficientnet_lite0_classifies_natural_photos():
     from harness.models.efficientnet_lite import EfficientNetLite0, imagenet_weights_file
 
     model = EfficientNetLite0(include_top=True, weights=str(imagenet_weights_file(top=True)))
-    photos = {"chelsea": (skimage.data.chelsea(), {281, 282, 285}),  # tabby, tiger cat, Egyptian cat
-              "coffee": (skimage.data.coffee(), {967, 968, 504}),  # espresso, cup, coffee mug
-              "grace_hopper": (np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg"))), {652})}  # uniform
+    photos = {
+        "chelsea": (skimage.data.chelsea(), {281, 282, 285}),  # tabby, tiger cat, Egyptian cat
+        "coffee": (skimage.data.coffee(), {967, 968, 504}),  # espresso, cup, coffee mug
+        "grace_hopper": (np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg"))), {652}),
+    }  # uniform
     for name, (img, expected) in photos.items():
         x = np.asarray(Image.fromarray(img).convert("RGB").resize((224, 224), Image.BILINEAR), "float32")[None]
         top1 = int(model.predict((x - 127.0) / 128.0, verbose=0)[0].argmax())
@@ -123,23 +131,31 @@ def test_converter_refuses_unknown_globals(tmp_path):
 
 
 def test_finetune_changes_only_the_intended_layers(tmp_path):
-    from harness.finetune import finetune
-    from harness.recipe import FinetuneConfig, load_recipe
-    from harness.train import build, fit, prepare
     import mlflow
+
     from harness import tracking
+    from harness.finetune import finetune
+    from harness.fit import fit_on, make_optimizer
+    from harness.prepared import prepare
+    from harness.recipe import FinetuneConfig, load_recipe
 
     from conftest import write_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
     tracking.setup(recipe.study)
     prep = prepare(recipe, recipe.models[0])
-    model, head = build(prep, recipe.head, 1e-3)
-    fit(model, prep, 1, 8)
+    model, head = prep.build(recipe.head)
+    splits = prep.task.splits
+    fit_on(prep, model, recipe.head.pooling, splits["train"], splits["val"], 1, 8, make_optimizer("adam", 1e-3), 0)
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in prep.backbone.layers}
     with mlflow.start_run():
-        prep2, _ = finetune(prep, head, FinetuneConfig(unfreeze_layers=3, learning_rate=1e-3, epochs=1), 8)
+        prep2, _ = finetune(
+            prep, head, FinetuneConfig(unfreeze_layers=3, learning_rate=1e-3, epochs=1), recipe.training, 0
+        )
     assert prep2.feats is None
-    changed = {n for n, ws in before.items()
-               if any(not np.array_equal(a, b) for a, b in zip(ws, prep.backbone.get_layer(n).get_weights()))}
+    changed = {
+        n
+        for n, ws in before.items()
+        if any(not np.array_equal(a, b) for a, b in zip(ws, prep.backbone.get_layer(n).get_weights()))
+    }
     assert changed == {"block15_project_conv", "head_conv", "block15_dwconv"}

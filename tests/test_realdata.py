@@ -1,5 +1,6 @@
 """Integration on the real challenge images (../shared/data/covid-xray; skipped when absent): both tasks check and
 load with the challenge recipe, patient groups never straddle splits, and colour modes are recorded per image."""
+
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ pytestmark = pytest.mark.realdata
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "challenge.yaml"
 
 
-@pytest.mark.parametrize("task,n,classes", [
-    ("task1", 129, ["covid", "normal"]),
-    ("task2", 269, ["covid", "normal", "pneumonia_bac", "pneumonia_vir"])])
+@pytest.mark.parametrize(
+    "task,n,classes",
+    [("task1", 129, ["covid", "normal"]), ("task2", 269, ["covid", "normal", "pneumonia_bac", "pneumonia_vir"])],
+)
 def test_challenge_tasks_load(task, n, classes):
     recipe = load_recipe(RECIPE, {"data.root": str(REAL_DATA), "data.image_size": 64})
     data = prepare_task(recipe, task)
@@ -37,5 +39,9 @@ def test_challenge_tasks_load(task, n, classes):
 def test_data_check_on_real_folder():
     report = check_folder(REAL_DATA / "all" / "train")
     assert report["problems"] == []
-    assert {c: s["n"] for c, s in report["classes"].items()} == \
-        {"covid": 59, "normal": 70, "pneumonia_bac": 70, "pneumonia_vir": 70}
+    assert {c: s["n"] for c, s in report["classes"].items()} == {
+        "covid": 59,
+        "normal": 70,
+        "pneumonia_bac": 70,
+        "pneumonia_vir": 70,
+    }

@@ -1,4 +1,5 @@
 """Recipe validation: the shipped recipes load; every kind of bad recipe fails before any work with one line."""
+
 from pathlib import Path
 
 import pytest
@@ -29,16 +30,19 @@ def test_challenge_mirrors_seed_study():
     assert str(r.tasks["task1"].train_dir) == "two/train" and str(r.tasks["task2"].train_dir) == "all/train"
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"data.bogus": 1}, "data.bogus"),
-    ({"training.epochs": "many"}, "training.epochs"),
-    ({"training.epochs": 0}, "training.epochs"),
-    ({"data.val_fraction": 0.9}, "data.val_fraction"),
-    ({"models.0.backbone": "resnet9000"}, "models.0.backbone"),
-    ({"models.0.task": "task7"}, "task7"),
-    ({"search.tuner": "grid"}, "search.tuner"),
-    ({"search.depth": {"min": 3, "max": 1}}, "search.depth"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"data.bogus": 1}, "data.bogus"),
+        ({"training.epochs": "many"}, "training.epochs"),
+        ({"training.epochs": 0}, "training.epochs"),
+        ({"data.val_fraction": 0.9}, "data.val_fraction"),
+        ({"models.0.backbone": "resnet9000"}, "models.0.backbone"),
+        ({"models.0.task": "task7"}, "task7"),
+        ({"search.tuner": "grid"}, "search.tuner"),
+        ({"search.depth": {"min": 3, "max": 1}}, "search.depth"),
+    ],
+)
 def test_bad_recipe_names_file_and_field(tmp_path, change, field):
     path = write_recipe(tmp_path / "bad.yaml", **change)
     with pytest.raises(HarnessError) as e:
@@ -91,8 +95,19 @@ def test_epochs_override_reaches_models_with_their_own_training(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(tr, "train", lambda recipe, key: seen.update(recipe=recipe, key=key) or "run")
-    res = CliRunner().invoke(app, ["train", str(ROOT / "recipes" / "seed.yaml"), "--model", "task2-densenet121",
-                                   "--weights", "none", "--epochs", "2"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "recipes" / "seed.yaml"),
+            "--model",
+            "task2-densenet121",
+            "--weights",
+            "none",
+            "--epochs",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = seen["recipe"].model(seen["key"])
     assert seen["key"] == "task2-densenet121" and seen["recipe"].training_for(m).epochs == 2 and m.weights == "none"

@@ -1,9 +1,11 @@
 """`harness compare` on a small real study: every section, figures per model, honest CIs, McNemar per pair, numbers
 that match MLflow, and an HTML file that renders in headless Chromium with its images loaded."""
+
 import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -11,8 +13,17 @@ from harness.cli import app
 
 from conftest import write_recipe
 
-SECTIONS = ["Summary", "Against the floor", "Pairwise comparison on the same test images", "Confusion matrices (test)", "Training curves",
-            "t-SNE of penultimate-layer features", "Tuning overview", "Device and timing", "Data"]
+SECTIONS = [
+    "Summary",
+    "Against the floor",
+    "Pairwise comparison on the same test images",
+    "Confusion matrices (test)",
+    "Training curves",
+    "t-SNE of penultimate-layer features",
+    "Tuning overview",
+    "Device and timing",
+    "Data",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +36,22 @@ def study(tmp_path_factory, session_cache):
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update(HARNESS_HOME=str(tmp / "home"), HARNESS_CACHE=str(session_cache), KERAS_HOME=str(tmp / "k"))
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    recipe = write_recipe(tmp / "r.yaml", **{"models": [
-        {"task": "task2", "backbone": "efficientnet_lite0", "weights": "imagenet"},
-        {"task": "task2", "backbone": "vgg19", "weights": "none"},
-        {"task": "task1", "backbone": "densenet121", "weights": "none"}]})
-    assert CliRunner().invoke(app, ["tune", str(recipe), "--only", "task2-efficientnet_lite0",
-                                    "--only", "task2-vgg19"]).exit_code == 0
+    recipe = write_recipe(
+        tmp / "r.yaml",
+        **{
+            "models": [
+                {"task": "task2", "backbone": "efficientnet_lite0", "weights": "imagenet"},
+                {"task": "task2", "backbone": "vgg19", "weights": "none"},
+                {"task": "task1", "backbone": "densenet121", "weights": "none"},
+            ]
+        },
+    )
+    assert (
+        CliRunner()
+        .invoke(app, ["tune", str(recipe), "--only", "task2-efficientnet_lite0", "--only", "task2-vgg19"])
+        .exit_code
+        == 0
+    )
     res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
     assert res.exit_code == 0, res.output
     from harness import tracking
@@ -77,17 +98,37 @@ def test_report_numbers_match_mlflow_and_cis_hold(study):
         assert acc == pytest.approx(m["test.accuracy"], abs=5e-4)
         assert lo == pytest.approx(m["test.accuracy_ci_low"], abs=5e-4)
         assert lo <= acc <= hi
-    mcnemar = [ln for ln in md.splitlines() if ln.startswith("| task2 | task2-")]
-    assert len(mcnemar) == 1 and ("significant" in mcnemar[0])
+    # The pairwise row: counts and p recomputed from the two models' logged per-image predictions.
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from harness.evaluate import mcnemar
+
+    correct = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in finals:
+            rows = json.loads(Path(client.download_artifacts(run.info.run_id, "predictions.json", tmp)).read_text())
+            test = sorted((r["file"], r["true"] == r["pred"]) for r in rows if r["split"] == "test")
+            correct[run.data.tags["model_key"]] = np.array([ok for _, ok in test])
+    expected = mcnemar(correct["task2-efficientnet_lite0"], correct["task2-vgg19"])
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| task2 | task2-efficientnet_lite0 | task2-vgg19 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert [int(c) for c in cells[3:7]] == [expected[k] for k in ("both_right", "a_only", "b_only", "both_wrong")]
+    assert float(cells[7]) == pytest.approx(expected["p_value"], abs=5e-5)
+    assert cells[8] == (
+        "significant at 0.05" if expected["p_value"] < 0.05 else "not significant: no evidence either is better"
+    )
     (compare_run,) = client.search_runs([exp.experiment_id], filter_string="tags.`harness.kind` = 'compare'")
     artifacts = {a.path for a in client.list_artifacts(compare_run.info.run_id, "report")}
     assert {"report/report.html", "report/report.md"} <= artifacts
 
 
 @pytest.mark.slow
-def test_html_is_self_contained_and_escaped(study):
+def test_html_is_self_contained(study):
     html = (study["out"] / "report.html").read_text()
-    assert "src='data:image/png;base64," in html and "src='confusion" not in html
+    sources = re.findall(r"(?:src|href)=['\"]([^'\"]*)", html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # nothing to fetch or lose
     assert "<table id='summary-task2'>" in html
 
 
@@ -96,19 +137,53 @@ def test_html_renders_in_headless_chromium(study, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("Debian chromium not installed (.ci/run installs it; apt-get install chromium)")
-    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=5000", "--dump-dom",
-                          (study["out"] / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (study["out"] / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = res.stdout
     assert "summary-task2" in dom and dom.count("<img") >= 6
     probe = study["out"] / "probe.html"
-    probe.write_text((study["out"] / "report.html").read_text().replace(
-        "</body>", "<script>document.title = [...document.images].every(i => i.complete && i.naturalWidth > 0)"
-                   " + ':' + document.images.length</script></body>"))
-    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--no-first-run", f"--user-data-dir={tmp_path / 'profile2'}", "--virtual-time-budget=5000",
-                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    probe.write_text(
+        (study["out"] / "report.html")
+        .read_text()
+        .replace(
+            "</body>",
+            "<script>document.title = [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+            " + ':' + document.images.length</script></body>",
+        )
+    )
+    res = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     title = re.search(r"<title>(.*?)</title>", res.stdout).group(1)
     assert title.startswith("true:"), title  # every embedded image decoded
 
@@ -131,9 +206,14 @@ def test_ui_serves_the_store_and_prints_the_experiment_url(study, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "HARNESS_HOME": str(study["home"]), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the store comes from HARNESS_HOME, as for a user
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--study", "tiny"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "ui", "--port", str(port), "--study", "tiny"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         first = proc.stdout.readline()
         exp = study["client"].get_experiment_by_name("tiny")
@@ -146,7 +226,8 @@ def test_ui_serves_the_store_and_prints_the_experiment_url(study, tmp_path):
                 time.sleep(0.5)
         assert ok, "MLflow UI did not answer /health"
         body = urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", timeout=5).read()
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny", timeout=5
+        ).read()
         assert exp.experiment_id.encode() in body
     finally:
         import signal

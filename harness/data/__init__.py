@@ -3,6 +3,7 @@
 Images of the train folder (and the explicit test folder, when the task names one that exists) are validated together;
 every problem is collected before deciding, so a user sees all bad files at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,10 +39,6 @@ class TaskData:
     skipped: list[str] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
 
-    @property
-    def binary(self) -> bool:
-        return len(self.classes) == 2
-
     def content_key(self) -> str:
         """Changes whenever any image's bytes, label or the class list change."""
         h = hashlib.sha1("|".join(self.classes).encode())
@@ -49,13 +46,10 @@ class TaskData:
             h.update(f"{s}:{y};".encode())
         return h.hexdigest()[:16]
 
-    def subset(self, split: str):
-        idx = self.splits[split]
-        return self.x[idx], self.y[idx]
-
     def counts(self) -> dict[str, dict[str, int]]:
-        return {s: {c: int((self.y[idx] == k).sum()) for k, c in enumerate(self.classes)}
-                for s, idx in self.splits.items()}
+        return {
+            s: {c: int((self.y[idx] == k).sum()) for k, c in enumerate(self.classes)} for s, idx in self.splits.items()
+        }
 
 
 def data_root(recipe: Recipe) -> Path:
@@ -69,8 +63,10 @@ def data_root(recipe: Recipe) -> Path:
 
 def _decode_all(items: list[Item], recipe: Recipe, label: str) -> list[Decoded]:
     d, cache = recipe.data, get_paths().image_cache
-    return [decode(it.path, d.image_size, d.colour, cache, d.min_side, d.max_pixels)
-            for it in track(items, description=label, transient=True)]
+    return [
+        decode(it.path, d.image_size, d.colour, cache, d.min_side, d.max_pixels)
+        for it in track(items, description=label, transient=True)
+    ]
 
 
 def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
@@ -107,8 +103,9 @@ def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
         raise HarnessError(f"task '{task_name}': fewer than two classes with usable training images")
     groups = groups_from_names(files, recipe.data.group_pattern)
     d = recipe.data
-    splits = make_splits(y, groups, d.val_fraction, d.test_fraction, d.seed,
-                         test_indices=np.nonzero(is_test)[0] if test_items else None)
+    splits = make_splits(
+        y, groups, d.val_fraction, d.test_fraction, d.seed, test_indices=np.nonzero(is_test)[0] if test_items else None
+    )
     split_of = ["?"] * len(files)
     for s, idx in splits.items():
         for i in idx:
@@ -117,9 +114,18 @@ def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
     sha1s = [decoded[i].sha1 for i in keep]
     names = [f"{f.parent.name}/{f.name}" for f in files]
     return TaskData(
-        name=task_name, classes=classes, x=x, y=y, files=files, sha1s=sha1s,
-        modes=[decoded[i].mode for i in keep], splits=splits, test_source=test_source, train_root=train_root,
-        skipped=problems, duplicates=find_duplicates(sha1s, x, names, split_of),
+        name=task_name,
+        classes=classes,
+        x=x,
+        y=y,
+        files=files,
+        sha1s=sha1s,
+        modes=[decoded[i].mode for i in keep],
+        splits=splits,
+        test_source=test_source,
+        train_root=train_root,
+        skipped=problems,
+        duplicates=find_duplicates(sha1s, x, names, split_of),
     )
 
 
@@ -130,8 +136,9 @@ def check_folder(folder: Path, min_side: int = 32, max_pixels: int = 60_000_000)
     per_class: dict[str, dict] = {}
     for it in track(items, description=f"Checking {len(items)} images", transient=True):
         dec = decode(it.path, 64, "grey", cache, min_side, max_pixels)
-        c = per_class.setdefault(it.label, {"n": 0, "modes": Counter(), "min_w": 10**9, "max_w": 0,
-                                            "min_h": 10**9, "max_h": 0, "bytes": 0})
+        c = per_class.setdefault(
+            it.label, {"n": 0, "modes": Counter(), "min_w": 10**9, "max_w": 0, "min_h": 10**9, "max_h": 0, "bytes": 0}
+        )
         if dec.problem:
             problems.append(dec.problem)
             continue

@@ -1,4 +1,5 @@
 """Duplicate report: exact copies (same bytes) and near-duplicates (difference hash) within and across splits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,11 +22,18 @@ def find_duplicates(sha1s: list[str], arrays: np.ndarray, names: list[str], spli
     for i in range(len(names)):
         if len(names) - i - 1 <= 0:
             break
-        dist = (hashes[i + 1:] != hashes[i]).sum(axis=1)
+        dist = (hashes[i + 1 :] != hashes[i]).sum(axis=1)
         for k in np.nonzero(dist <= NEAR_THRESHOLD)[0]:
             j = i + 1 + int(k)
             exact = sha1s[i] == sha1s[j]
-            pairs.append({"a": names[i], "b": names[j], "kind": "exact" if exact else "near",
-                          "distance": int(dist[k]), "splits": f"{split_of[i]}/{split_of[j]}",
-                          "cross_split": split_of[i] != split_of[j]})
+            pairs.append(
+                {
+                    "a": names[i],
+                    "b": names[j],
+                    "kind": "exact" if exact else "near",
+                    "distance": int(dist[k]),
+                    "splits": f"{split_of[i]}/{split_of[j]}",
+                    "cross_split": split_of[i] != split_of[j],
+                }
+            )
     return sorted(pairs, key=lambda p: p["distance"])

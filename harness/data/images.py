@@ -4,6 +4,7 @@ Each file is decoded and resized once per (content, size, colour) and stored as 
 and tasks sharing images (Task 1's files are a subset of Task 2's) skip JPEG decoding of multi-megapixel originals.
 Greyscale is the default because in the COVID data colour mode alone separates the classes (a source shortcut).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,10 +26,6 @@ class Decoded:
     width: int
     height: int
     problem: str | None = None
-
-
-def file_sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
 def to_grey_or_rgb(img: Image.Image, colour: str) -> Image.Image:
@@ -86,7 +83,9 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
                 img.load()
                 arr = preprocess(img, size, colour)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Decoded(None, sha1, "?", 0, 0, f"{path}: exceeds the {max_pixels} pixel limit (decompression bomb guard)")
+        return Decoded(
+            None, sha1, "?", 0, 0, f"{path}: exceeds the {max_pixels} pixel limit (decompression bomb guard)"
+        )
     except Image.UnidentifiedImageError:
         return Decoded(None, sha1, "?", 0, 0, f"{path}: not a readable image")
     except (OSError, SyntaxError, ValueError) as e:

@@ -2,11 +2,11 @@
 
 File-level problems (corrupt, truncated, too small, bombs) are found while decoding, in `images.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 JUNK = {"desktop.ini", "thumbs.db"}  # OS litter, never an image and never worth failing a study over
@@ -22,7 +22,7 @@ def class_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan(root: Path, classes: Optional[list[str]] = None) -> tuple[list[Item], list[str]]:
+def scan(root: Path, classes: list[str] | None = None) -> tuple[list[Item], list[str]]:
     """Items (sorted, deterministic) and problems found in `root/<class>/*`."""
     problems: list[str] = []
     if not root.is_dir():

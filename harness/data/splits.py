@@ -1,15 +1,15 @@
 """Stratified train/validation/test splits with a fixed seed, optionally grouped so a patient never straddles splits."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 
-def groups_from_names(paths: list[Path], pattern: Optional[str]) -> np.ndarray:
+def groups_from_names(paths: list[Path], pattern: str | None) -> np.ndarray:
     """Group id per file: the first non-empty regex group (or the whole match) of the file name; a non-match is its
     own group. Alternatives with one group each let one pattern cover several naming schemes."""
     if not pattern:
@@ -35,8 +35,14 @@ def carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction:
     return indices[np.sort(rest)], indices[np.sort(held)]
 
 
-def make_splits(labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
-                test_indices: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+def make_splits(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    test_indices: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """{'train', 'val', 'test'} index arrays. `test_indices` (an explicit test folder) skips carving a test split."""
     all_idx = np.arange(len(labels))
     if test_indices is not None:

@@ -4,6 +4,7 @@ Thorax, mediastinum, ribs and two lung fields, with class-dependent opacities: `
 peripheral ground-glass patches, `pneumonia_bac` one dense lobar consolidation, `pneumonia_vir` diffuse interstitial
 streaks. Written once per (per_class, size, seed) under the harness cache and then read like any real folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,7 @@ def phantom(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
     lungs = np.zeros_like(img)
     for side in (-1, 1):
         cx = 0.5 + side * (0.18 + jitter[2])
-        lungs += (_blob(yy, xx, 0.5 + jitter[3], cx, 0.28, 0.13) > 0.3)
+        lungs += _blob(yy, xx, 0.5 + jitter[3], cx, 0.28, 0.13) > 0.3
     lungs = np.clip(lungs, 0, 1)
     img = img - 0.45 * lungs
     ribs = 0.06 * (np.sin(yy * size * 0.35 + rng.uniform(0, 6)) > 0.6) * lungs

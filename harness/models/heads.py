@@ -1,8 +1,12 @@
 """Head factory (Flatten or global average pooling, dense layers with dropout, sigmoid/softmax) and assembly.
 
+An `avg` head is built on pooled vectors (the harness trains it on cached pooled features) and `assemble` puts the
+global average pooling between backbone and head; a `flatten` head takes the backbone's maps itself.
+
 Dropout follows every hidden layer except the last, exactly as in the seed study's model summaries, so its Task 1
 head (`units: [256, 256, 64]`, flatten) has the seed's 6,505,089 trainable parameters on VGG19 at 224 px.
 """
+
 from __future__ import annotations
 
 import keras
@@ -10,11 +14,16 @@ import keras
 from harness.models.layers import Preprocess
 
 
-def build_head(feature_shape: tuple, n_classes: int, units: list[int], dropout: float, pooling: str = "flatten",
-               name: str = "head") -> keras.Model:
+def build_head(
+    feature_shape: tuple, n_classes: int, units: list[int], dropout: float, pooling: str = "flatten", name: str = "head"
+) -> keras.Model:
     inputs = keras.Input(shape=feature_shape, name="features")
-    x = keras.layers.Flatten(name="flatten")(inputs) if pooling == "flatten" or len(feature_shape) == 1 \
-        else keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
+    if len(feature_shape) == 1:
+        x = inputs
+    elif pooling == "flatten":
+        x = keras.layers.Flatten(name="flatten")(inputs)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
     for i, u in enumerate(units):
         x = keras.layers.Dense(u, activation="relu", name=f"dense_{i}")(x)
         if i < len(units) - 1 and dropout > 0:
@@ -28,12 +37,20 @@ def build_head(feature_shape: tuple, n_classes: int, units: list[int], dropout: 
 
 def augmentation() -> keras.Sequential:
     """Mild geometric augmentation, active only in training: X-rays keep their orientation roughly."""
-    return keras.Sequential([keras.layers.RandomRotation(0.05), keras.layers.RandomZoom(0.1),
-                             keras.layers.RandomTranslation(0.05, 0.05)], name="augment")
+    return keras.Sequential(
+        [keras.layers.RandomRotation(0.05), keras.layers.RandomZoom(0.1), keras.layers.RandomTranslation(0.05, 0.05)],
+        name="augment",
+    )
 
 
-def assemble(backbone: keras.Model, head: keras.Model, preprocess: str, image_size: int,
-             trainable_backbone: bool, augment: bool = False) -> keras.Model:
+def assemble(
+    backbone: keras.Model,
+    head: keras.Model,
+    preprocess: str,
+    image_size: int,
+    trainable_backbone: bool,
+    augment: bool = False,
+) -> keras.Model:
     """Raw 0-255 images -> (augmentation) -> preprocessing -> backbone -> head, one model logged and reloaded."""
     backbone.trainable = trainable_backbone
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
@@ -42,13 +59,9 @@ def assemble(backbone: keras.Model, head: keras.Model, preprocess: str, image_si
     # training=False keeps BatchNorm in inference mode, frozen or fine-tuned (Keras transfer-learning guide):
     # on a few hundred images, updating BatchNorm statistics wrecks the pretrained features.
     x = backbone(x, training=False)
+    if len(head.input.shape) == 2 and len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, head(x), name=f"{backbone.name}_{head.name}")
-
-
-def compile_model(model: keras.Model, n_classes: int, learning_rate: float) -> keras.Model:
-    loss = "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
-    return model
 
 
 def penultimate(head: keras.Model) -> keras.Model:

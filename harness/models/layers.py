@@ -3,6 +3,7 @@
 Each backbone's own `preprocess_input` is reproduced exactly (a test compares them): `caffe` (VGG: RGB->BGR and ImageNet
 mean subtraction), `torch` (DenseNet: scale to 0-1, ImageNet mean/std), `lite` (EfficientNet-Lite: (x-127)/128).
 """
+
 import keras
 from keras import ops
 

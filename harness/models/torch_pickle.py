@@ -4,6 +4,7 @@ The file is a sequence of pickles (magic number, protocol, system info, the stat
 each storage's raw bytes. The unpickler here only rebuilds tensors and ordered dicts: any other global in the file is
 refused, which also makes it safe on an untrusted file (a plain `pickle.load` would run whatever the file names).
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,9 +15,17 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = 0x1950A86A20F9469CFC6C
-DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-          "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
-          "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
 
 
 class _Storage:
@@ -39,9 +48,10 @@ class _Tensor:
         item = np.dtype(self.storage.dtype).itemsize
         base = self.storage.data
         if not self.size:
-            return base[self.offset:self.offset + 1].reshape(()).copy()
-        return np.lib.stride_tricks.as_strided(base[self.offset:], shape=self.size,
-                                               strides=[s * item for s in self.stride]).copy()
+            return base[self.offset : self.offset + 1].reshape(()).copy()
+        return np.lib.stride_tricks.as_strided(
+            base[self.offset :], shape=self.size, strides=[s * item for s in self.stride]
+        ).copy()
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -79,7 +89,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def load_state_dict(path: Path) -> "collections.OrderedDict[str, np.ndarray]":
+def load_state_dict(path: Path) -> collections.OrderedDict[str, np.ndarray]:
     with open(path, "rb") as f:
         if pickle.load(f) != MAGIC:  # plain ints: safe to read with the default unpickler... but be strict anyway
             raise ValueError(f"{path}: not a legacy PyTorch file")

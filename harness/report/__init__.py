@@ -1,12 +1,12 @@
 """Report stage: `compare(study)` turns a study's MLflow runs into report.md + report.html (+ PNGs), logged as a
 `compare` run: what won, by how much, how sure we are (bootstrap and exact CIs, McNemar), what it cost, and what
 the models look at (t-SNE by class and by image source)."""
+
 from __future__ import annotations
 
 import itertools
 import time
 from pathlib import Path
-from typing import Optional
 
 import mlflow
 import numpy as np
@@ -25,7 +25,7 @@ def _f(x, nd=3) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
-def paired(rows_a: list[dict], rows_b: list[dict]) -> Optional[dict]:
+def paired(rows_a: list[dict], rows_b: list[dict]) -> dict | None:
     """Exact McNemar of two sets of per-image predictions, or None unless they cover the same test images."""
     a = {r["file"]: r["true"] == r["pred"] for r in rows_a}
     b = {r["file"]: r["true"] == r["pred"] for r in rows_b}
@@ -52,24 +52,44 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
     for task in sorted({m.task for m in models}):
         ms = [m for m in models if m.task == task]
         classes = ms[0].classes
-        headers = ["model", "backbone", "weights", "best hyperparameters", "test n", "accuracy [95% bootstrap CI]",
-                   "exact 95% CI", "macro F1"] + (["COVID-19 sensitivity"] if "covid" in classes else []) + \
-                  ["ROC AUC", "test loss", "trials", "tuning s"] + \
-                  [f"P/R {c}" for c in classes]
+        headers = (
+            [
+                "model",
+                "backbone",
+                "weights",
+                "best hyperparameters",
+                "test n",
+                "accuracy [95% bootstrap CI]",
+                "exact 95% CI",
+                "macro F1",
+            ]
+            + (["COVID-19 sensitivity"] if "covid" in classes else [])
+            + ["ROC AUC", "test loss", "trials", "tuning s"]
+            + [f"P/R {c}" for c in classes]
+        )
         rows = []
         for m in sorted(ms, key=lambda m: -computed[m.key].get("accuracy", -1)):
             t = computed[m.key]
-            hp = ", ".join(f"{k[3:]}={v}" for k, v in sorted(m.params.items()) if k.startswith("hp.")) or \
-                f"head {m.params.get('head.units', '?')}, dropout {m.params.get('head.dropout', '?')}, " \
+            hp = (
+                ", ".join(f"{k[3:]}={v}" for k, v in sorted(m.params.items()) if k.startswith("hp."))
+                or f"head {m.params.get('head.units', '?')}, dropout {m.params.get('head.dropout', '?')}, "
                 f"lr {m.params.get('training.learning_rate', '?')} (not tuned)"
+            )
             search_s = m.search.data.metrics.get("search_seconds") if m.search else None
             sha = m.tags.get("weights_sha256", "")
-            weights = WEIGHTS_WORDS.get(m.tags.get("weights", ""), m.tags.get("weights", "?")) + \
-                (f" (sha256 {sha[:12]})" if sha else "")
-            row = [m.key, m.backbone, weights, hp,
-                   t.get("n", 0),
-                   f"{_f(t.get('accuracy'))} [{_f(t.get('accuracy_ci_low'))}, {_f(t.get('accuracy_ci_high'))}]",
-                   f"[{_f(t.get('accuracy_cp_low'))}, {_f(t.get('accuracy_cp_high'))}]", _f(t.get("macro_f1"))]
+            weights = WEIGHTS_WORDS.get(m.tags.get("weights", ""), m.tags.get("weights", "?")) + (
+                f" (sha256 {sha[:12]})" if sha else ""
+            )
+            row = [
+                m.key,
+                m.backbone,
+                weights,
+                hp,
+                t.get("n", 0),
+                f"{_f(t.get('accuracy'))} [{_f(t.get('accuracy_ci_low'))}, {_f(t.get('accuracy_ci_high'))}]",
+                f"[{_f(t.get('accuracy_cp_low'))}, {_f(t.get('accuracy_cp_high'))}]",
+                _f(t.get("macro_f1")),
+            ]
             if "covid" in classes:
                 row.append(_f(t.get("recall.covid")))
             row += [_f(t.get("roc_auc")), _f(t.get("loss")), len(m.trials) or "—", _f(search_s, 1)]
@@ -89,16 +109,40 @@ def _mcnemar(models: list[ModelResult]) -> list:
             rows.append([a.task, a.key, b.key, "—", "—", "—", "—", "—", "different test sets: not comparable"])
             continue
         verdict = "significant at 0.05" if res["p_value"] < 0.05 else "not significant: no evidence either is better"
-        rows.append([a.task, a.key, b.key, res["both_right"], res["a_only"], res["b_only"], res["both_wrong"],
-                     _f(res["p_value"], 4), verdict])
-    headers = ["task", "model A", "model B", "both right", "only A right", "only B right", "both wrong",
-               "exact McNemar p", "verdict"]
+        rows.append(
+            [
+                a.task,
+                a.key,
+                b.key,
+                res["both_right"],
+                res["a_only"],
+                res["b_only"],
+                res["both_wrong"],
+                _f(res["p_value"], 4),
+                verdict,
+            ]
+        )
+    headers = [
+        "task",
+        "model A",
+        "model B",
+        "both right",
+        "only A right",
+        "only B right",
+        "both wrong",
+        "exact McNemar p",
+        "verdict",
+    ]
     if not rows:
-        return [h("Pairwise comparison on the same test images", 2),
-                p("Each task has one model here: no pair to compare (the floor comparison above still applies).")]
-    return [h("Pairwise comparison on the same test images", 2),
-            p("Exact McNemar test on the images where exactly one model is right (the discordant pairs)."),
-            table(headers, rows, "mcnemar")]
+        return [
+            h("Pairwise comparison on the same test images", 2),
+            p("Each task has one model here: no pair to compare (the floor comparison above still applies)."),
+        ]
+    return [
+        h("Pairwise comparison on the same test images", 2),
+        p("Exact McNemar test on the images where exactly one model is right (the discordant pairs)."),
+        table(headers, rows, "mcnemar"),
+    ]
 
 
 def _floor(models: list[ModelResult], computed: dict) -> list:
@@ -109,20 +153,48 @@ def _floor(models: list[ModelResult], computed: dict) -> list:
             continue
         b, t = m.baseline.data.metrics, computed[m.key]
         diff = t["accuracy"] - b["test.accuracy"]
-        rows.append([m.key, f"{_f(b.get('cv_accuracy'))} ± {_f(b.get('cv_accuracy_std'))}",
-                     f"{_f(b['test.accuracy'])} [{_f(b.get('test.accuracy_ci_low'))}, {_f(b.get('test.accuracy_ci_high'))}]",
-                     f"{_f(t['accuracy'])} [{_f(t['accuracy_ci_low'])}, {_f(t['accuracy_ci_high'])}]",
-                     f"{diff:+.3f}", res["a_only"], res["b_only"], _f(res["p_value"], 4),
-                     "tuned better (p<0.05)" if res["p_value"] < 0.05 and diff > 0 else
-                     "floor better (p<0.05)" if res["p_value"] < 0.05 else "not significant"])
+        rows.append(
+            [
+                m.key,
+                f"{_f(b.get('cv_accuracy'))} ± {_f(b.get('cv_accuracy_std'))}",
+                f"{_f(b['test.accuracy'])} [{_f(b.get('test.accuracy_ci_low'))}, {_f(b.get('test.accuracy_ci_high'))}]",
+                f"{_f(t['accuracy'])} [{_f(t['accuracy_ci_low'])}, {_f(t['accuracy_ci_high'])}]",
+                f"{diff:+.3f}",
+                res["a_only"],
+                res["b_only"],
+                _f(res["p_value"], 4),
+                "tuned better (p<0.05)"
+                if res["p_value"] < 0.05 and diff > 0
+                else "floor better (p<0.05)"
+                if res["p_value"] < 0.05
+                else "not significant",
+            ]
+        )
     if not rows:
         return []
-    return [h("Against the floor", 2),
-            p("The floor: logistic regression on average-pooled features of the same frozen backbone, fitted on "
-              "train+validation; its 5-fold CV accuracy (the floor's own protocol) and its accuracy on the same test "
-              "images as the tuned model, paired with the exact McNemar test."),
-            table(["model", "floor 5-fold CV accuracy", "floor test accuracy [95% CI]", "tuned test accuracy [95% CI]",
-                   "difference", "only tuned right", "only floor right", "exact McNemar p", "verdict"], rows, "floor")]
+    return [
+        h("Against the floor", 2),
+        p(
+            "The floor: logistic regression on average-pooled features of the same frozen backbone, fitted on "
+            "train+validation; its 5-fold CV accuracy (the floor's own protocol) and its accuracy on the same test "
+            "images as the tuned model, paired with the exact McNemar test."
+        ),
+        table(
+            [
+                "model",
+                "floor 5-fold CV accuracy",
+                "floor test accuracy [95% CI]",
+                "tuned test accuracy [95% CI]",
+                "difference",
+                "only tuned right",
+                "only floor right",
+                "exact McNemar p",
+                "verdict",
+            ],
+            rows,
+            "floor",
+        ),
+    ]
 
 
 def _timing(models: list[ModelResult], study: Study) -> list:
@@ -130,25 +202,59 @@ def _timing(models: list[ModelResult], study: Study) -> list:
     for m in models:
         mt = m.metrics
         search_s = m.search.data.metrics.get("search_seconds", 0.0) if m.search else 0.0
-        rows.append([m.key, m.tags.get("device", "?"), m.tags.get("device.name", "?"), _f(mt.get("seconds_per_epoch"), 3),
-                     _f(mt.get("images_per_s"), 1), _f(mt.get("extract_seconds"), 1), m.tags.get("feature_cache", "?"),
-                     _f(search_s, 1), _f(mt.get("train_seconds"), 1)])
-    blocks = [h("Device and timing", 2),
-              table(["model", "device", "device name", "s/epoch (final fit)", "images/s", "feature extraction s",
-                     "feature cache", "search s", "final fit s"], rows, "timing")]
+        rows.append(
+            [
+                m.key,
+                m.tags.get("device", "?"),
+                m.tags.get("device.name", "?"),
+                _f(mt.get("seconds_per_epoch"), 3),
+                _f(mt.get("images_per_s"), 1),
+                _f(mt.get("extract_seconds"), 1),
+                m.tags.get("feature_cache", "?"),
+                _f(search_s, 1),
+                _f(mt.get("train_seconds"), 1),
+            ]
+        )
+    blocks = [
+        h("Device and timing", 2),
+        table(
+            [
+                "model",
+                "device",
+                "device name",
+                "s/epoch (final fit)",
+                "images/s",
+                "feature extraction s",
+                "feature cache",
+                "search s",
+                "final fit s",
+            ],
+            rows,
+            "timing",
+        ),
+    ]
     by_key: dict[str, dict[str, float]] = {}
     for r in study.device_runs:
         s = r.data.metrics.get("seconds_per_epoch")
         if s:
             by_key.setdefault(r.data.tags.get("model_key", "?"), {}).setdefault(r.data.tags.get("device", "?"), s)
-    side = [[k, _f(d["CPU"], 3), _f(d["GPU"], 3), f"{d['CPU'] / d['GPU']:.1f}x"] for k, d in sorted(by_key.items())
-            if "CPU" in d and "GPU" in d]
+    side = [
+        [k, _f(d["CPU"], 3), _f(d["GPU"], 3), f"{d['CPU'] / d['GPU']:.1f}x"]
+        for k, d in sorted(by_key.items())
+        if "CPU" in d and "GPU" in d
+    ]
     if side:
-        blocks += [h("CPU vs GPU (same model and recipe)", 3),
-                   table(["model", "CPU s/epoch", "GPU s/epoch", "GPU speed-up"], side, "cpu-gpu")]
+        blocks += [
+            h("CPU vs GPU (same model and recipe)", 3),
+            table(["model", "CPU s/epoch", "GPU s/epoch", "GPU speed-up"], side, "cpu-gpu"),
+        ]
     else:
-        blocks.append(p("No model of this study has runs on both a CPU and a GPU yet; run the same recipe on a GPU "
-                        "machine into the same store to get the side-by-side speed-up."))
+        blocks.append(
+            p(
+                "No model of this study has runs on both a CPU and a GPU yet; run the same recipe on a GPU "
+                "machine into the same store to get the side-by-side speed-up."
+            )
+        )
     return blocks
 
 
@@ -157,22 +263,35 @@ def _data(models: list[ModelResult]) -> list:
     for task in sorted({m.task for m in models}):
         m = next(x for x in models if x.task == task)
         d = m.data
-        rows = [[s] + [d["counts"][s].get(c, 0) for c in d["classes"]] + [sum(d["counts"][s].values())]
-                for s in ("train", "val", "test")]
+        rows = [
+            [s] + [d["counts"][s].get(c, 0) for c in d["classes"]] + [sum(d["counts"][s].values())]
+            for s in ("train", "val", "test")
+        ]
         dup = d.get("duplicates", [])
         cross = [x for x in dup if x["cross_split"]]
-        blocks += [h(f"Task {task}", 3), table(["split"] + d["classes"] + ["total"], rows, f"counts-{task}"),
-                   p(f"Test split: {d['test_source']}. Preprocessing: {m.params.get('data.image_size')} px, colour "
-                     f"policy '{m.params.get('data.colour')}' (greyscale replicated to 3 channels by default), the "
-                     f"backbone's own input scaling inside the model. Original colour modes per class: "
-                     + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in md.items()) for c, md in d["modes"].items())),
-                   p(f"Duplicates: {sum(x['kind'] == 'exact' for x in dup)} exact and "
-                     f"{sum(x['kind'] == 'near' for x in dup)} near-duplicate pairs; {len(cross)} cross splits."
-                     + (f" Skipped files: {len(d['skipped'])}." if d.get("skipped") else ""))]
+        blocks += [
+            h(f"Task {task}", 3),
+            table(["split"] + d["classes"] + ["total"], rows, f"counts-{task}"),
+            p(
+                f"Test split: {d['test_source']}. Preprocessing: {m.params.get('data.image_size')} px, colour "
+                f"policy '{m.params.get('data.colour')}' (greyscale replicated to 3 channels by default), the "
+                f"backbone's own input scaling inside the model. Original colour modes per class: "
+                + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in md.items()) for c, md in d["modes"].items())
+            ),
+            p(
+                f"Duplicates: {sum(x['kind'] == 'exact' for x in dup)} exact and "
+                f"{sum(x['kind'] == 'near' for x in dup)} near-duplicate pairs; {len(cross)} cross splits."
+                + (f" Skipped files: {len(d['skipped'])}." if d.get("skipped") else "")
+            ),
+        ]
         if cross:
-            blocks.append(table(["a", "b", "kind", "distance", "splits"],
-                                [[x["a"], x["b"], x["kind"], x["distance"], x["splits"]] for x in cross[:20]],
-                                f"leaks-{task}"))
+            blocks.append(
+                table(
+                    ["a", "b", "kind", "distance", "splits"],
+                    [[x["a"], x["b"], x["kind"], x["distance"], x["splits"]] for x in cross[:20]],
+                    f"leaks-{task}",
+                )
+            )
     return blocks
 
 
@@ -180,12 +299,18 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     models = study.models
     computed = {m.key: test_metrics(m) for m in models}
     colours = figures.palette(sorted({c for m in models for c in m.classes}))
-    blocks = [h(f"Comparison report: study '{study.name}'", 1),
-              p(f"{len(models)} model(s) from MLflow experiment {study.experiment_id} "
-                f"({get_paths().tracking_uri}); generated {time.strftime('%Y-%m-%d %H:%M')}."),
-              p("Research use only: not a diagnostic tool. In this data the COVID-19 images come from publications and "
-                "the other classes from a paediatric archive, so a classifier can learn the source rather than the "
-                "disease (DeGrave et al. 2021): read the t-SNE panel coloured by image source.")]
+    blocks = [
+        h(f"Comparison report: study '{study.name}'", 1),
+        p(
+            f"{len(models)} model(s) from MLflow experiment {study.experiment_id} "
+            f"({get_paths().tracking_uri}); generated {time.strftime('%Y-%m-%d %H:%M')}."
+        ),
+        p(
+            "Research use only: not a diagnostic tool. In this data the COVID-19 images come from publications and "
+            "the other classes from a paediatric archive, so a classifier can learn the source rather than the "
+            "disease (DeGrave et al. 2021): read the t-SNE panel coloured by image source."
+        ),
+    ]
     if study.missing:
         blocks.append(p("Missing (no final run yet): " + ", ".join(study.missing)))
     blocks += [h("Summary", 2)] + _summary(models, computed) + _floor(models, computed) + _mcnemar(models)
@@ -195,8 +320,14 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
         if rows:
             y = np.array([m.classes.index(r["true"]) for r in rows])
             yp = np.array([m.classes.index(r["pred"]) for r in rows])
-            blocks.append(img(confusion_figure(y, yp, m.classes, f"{m.key} — test (n={len(rows)})",
-                                               out / f"confusion-{m.key}.png"), f"Confusion matrix of {m.key}"))
+            blocks.append(
+                img(
+                    confusion_figure(
+                        y, yp, m.classes, f"{m.key} — test (n={len(rows)})", out / f"confusion-{m.key}.png"
+                    ),
+                    f"Confusion matrix of {m.key}",
+                )
+            )
     blocks.append(h("Training curves", 2))
     blocks += [img(figures.curves(m, out / f"curves-{m.key}.png"), f"Training curves of {m.key}") for m in models]
     blocks.append(h("t-SNE of penultimate-layer features", 2))
@@ -205,18 +336,25 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     for m in [m for m in models if m.trials]:
         objective = m.search.data.params.get("search.objective", "val_loss")
         blocks.append(img(figures.tuning(m, objective, out / f"tuning-{m.key}.png"), f"Search of {m.key}"))
-        top = sorted([r for r in m.trials if np.isfinite(r["objective"])], key=lambda r: r["objective"],
-                     reverse=not objective.endswith("loss"))[:5]
+        top = sorted(
+            [r for r in m.trials if np.isfinite(r["objective"])],
+            key=lambda r: r["objective"],
+            reverse=not objective.endswith("loss"),
+        )[:5]
         keys = sorted({k for r in top for k in r} - {"trial", "status", "objective", "seconds"})
-        blocks.append(table(["trial", objective, "seconds"] + keys,
-                            [[r["trial"], _f(r["objective"], 4), _f(r["seconds"], 1)] + [r.get(k, "—") for k in keys]
-                             for r in top], f"top-trials-{m.key}"))
+        blocks.append(
+            table(
+                ["trial", objective, "seconds"] + keys,
+                [[r["trial"], _f(r["objective"], 4), _f(r["seconds"], 1)] + [r.get(k, "—") for k in keys] for r in top],
+                f"top-trials-{m.key}",
+            )
+        )
     blocks += _timing(models, study) + _data(models)
     return blocks, computed
 
 
-def compare(study: str, out: Optional[Path] = None, expected: Optional[list[str]] = None) -> Path:
-    """Build the report of a study from MLflow into `out` (default under HARNESS_HOME) and log it; returns report.html."""
+def compare(study: str, out: Path | None = None, expected: list[str] | None = None) -> Path:
+    """Build the report of a study from MLflow into `out` (default under HARNESS_HOME), log it, return report.html."""
     data = collect(study, expected)  # before setup(), which would create a missing experiment
     tracking.setup(study)
     out = (out or get_paths().reports / study).resolve()
@@ -226,7 +364,12 @@ def compare(study: str, out: Optional[Path] = None, expected: Optional[list[str]
         (out / "report.md").write_text(to_markdown(blocks, out))
         (out / "report.html").write_text(to_html(blocks, f"cxr-harness report: {study}"))
         for key, t in computed.items():
-            mlflow.log_metrics({f"{key}.test.{k}": v for k, v in t.items()
-                                if k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high") and np.isfinite(v)})
+            mlflow.log_metrics(
+                {
+                    f"{key}.test.{k}": v
+                    for k, v in t.items()
+                    if k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high") and np.isfinite(v)
+                }
+            )
         mlflow.log_artifacts(str(out), "report")
     return out / "report.html"

@@ -1,12 +1,12 @@
 """What a report is made of, read from MLflow (never from files lying around): per model its final run, logged
 predictions and embeddings, training curves, tuning trials and device timing."""
+
 from __future__ import annotations
 
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from mlflow.entities import Run
@@ -26,8 +26,8 @@ class ModelResult:
     data: dict
     history: dict[str, list[float]]
     trials: list[dict] = field(default_factory=list)  # from the parent search: number, objective, hyperparameters
-    search: Optional[Run] = None
-    baseline: Optional[Run] = None  # logistic regression on pooled features of the same search
+    search: Run | None = None
+    baseline: Run | None = None  # logistic regression on pooled features of the same search
     baseline_predictions: list[dict] = field(default_factory=list)
 
     @property
@@ -64,36 +64,49 @@ def _artifact_json(client, run_id: str, path: str, tmp: Path):
 
 
 def _trials(client, parent: Run) -> list[dict]:
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-                                            f"tags.`harness.kind` = 'trial'")
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`harness.kind` = 'trial'",
+    )
     objective = parent.data.params.get("search.objective", "val_loss")
     rows = []
     for r in runs:
-        rows.append({"trial": r.data.tags.get("trial_id", "?"), "status": r.info.status,
-                     "objective": r.data.metrics.get(f"best_{objective}", float("nan")),
-                     "seconds": r.data.metrics.get("trial_seconds", float("nan")),
-                     **{k[3:]: v for k, v in r.data.params.items() if k.startswith("hp.")}})
+        rows.append(
+            {
+                "trial": r.data.tags.get("trial_id", "?"),
+                "status": r.info.status,
+                "objective": r.data.metrics.get(f"best_{objective}", float("nan")),
+                "seconds": r.data.metrics.get("trial_seconds", float("nan")),
+                **{k[3:]: v for k, v in r.data.params.items() if k.startswith("hp.")},
+            }
+        )
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def collect(study: str, expected: Optional[list[str]] = None) -> Study:
+def collect(study: str, expected: list[str] | None = None) -> Study:
     import mlflow
 
     mlflow.set_tracking_uri(tracking.get_paths().tracking_uri)
     client = tracking.client()
     exp = client.get_experiment_by_name(study)
     if exp is None:
-        raise HarnessError(f"no MLflow experiment '{study}' in {tracking.get_paths().tracking_uri}; run "
-                           f"`harness tune` on its recipe first")
-    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=5000)
+        raise HarnessError(
+            f"no MLflow experiment '{study}' in {tracking.get_paths().tracking_uri}; run "
+            f"`harness tune` on its recipe first"
+        )
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5000,
+    )
     finals = [r for r in runs if r.data.tags.get("harness.kind") in ("final", "train")]
     chosen: dict[str, Run] = {}
     for r in finals:  # newest first; a tuned final model beats a plain train run of the same model
         key = r.data.tags.get("model_key", "?")
-        if key not in chosen or (chosen[key].data.tags["harness.kind"] == "train"
-                                 and r.data.tags["harness.kind"] == "final"):
+        if key not in chosen or (
+            chosen[key].data.tags["harness.kind"] == "train" and r.data.tags["harness.kind"] == "final"
+        ):
             chosen[key] = r
     models = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,18 +115,39 @@ def collect(study: str, expected: Optional[list[str]] = None) -> Study:
             sub = Path(tmp) / rid
             sub.mkdir()
             emb = np.load(client.download_artifacts(rid, "embeddings.npz", str(sub)), allow_pickle=False)
-            history = {m: [h.value for h in sorted(client.get_metric_history(rid, m), key=lambda h: h.step)]
-                       for m in ("loss", "val_loss", "accuracy", "val_accuracy")}
+            history = {
+                m: [h.value for h in sorted(client.get_metric_history(rid, m), key=lambda h: h.step)]
+                for m in ("loss", "val_loss", "accuracy", "val_accuracy")
+            }
             parent_id = r.data.tags.get("mlflow.parentRunId")
             parent = client.get_run(parent_id) if parent_id else None
-            base = [b for b in runs if b.data.tags.get("harness.kind") == "baseline"
-                    and b.data.tags.get("mlflow.parentRunId") == parent_id] if parent_id else []
-            models.append(ModelResult(
-                key=key, task=r.data.tags.get("task", "?"), backbone=r.data.tags.get("backbone", "?"), run=r,
-                predictions=_artifact_json(client, rid, "predictions.json", sub),
-                embeddings={k: emb[k] for k in emb.files}, data=_artifact_json(client, rid, "data.json", sub),
-                history=history, trials=_trials(client, parent) if parent else [], search=parent,
-                baseline=base[0] if base else None,
-                baseline_predictions=_artifact_json(client, base[0].info.run_id, "predictions.json", sub) if base else []))
+            base = (
+                [
+                    b
+                    for b in runs
+                    if b.data.tags.get("harness.kind") == "baseline"
+                    and b.data.tags.get("mlflow.parentRunId") == parent_id
+                ]
+                if parent_id
+                else []
+            )
+            models.append(
+                ModelResult(
+                    key=key,
+                    task=r.data.tags.get("task", "?"),
+                    backbone=r.data.tags.get("backbone", "?"),
+                    run=r,
+                    predictions=_artifact_json(client, rid, "predictions.json", sub),
+                    embeddings={k: emb[k] for k in emb.files},
+                    data=_artifact_json(client, rid, "data.json", sub),
+                    history=history,
+                    trials=_trials(client, parent) if parent else [],
+                    search=parent,
+                    baseline=base[0] if base else None,
+                    baseline_predictions=_artifact_json(client, base[0].info.run_id, "predictions.json", sub)
+                    if base
+                    else [],
+                )
+            )
     missing = [k for k in (expected or []) if k not in chosen]
     return Study(study, exp.experiment_id, models, missing, finals)

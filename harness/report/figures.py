@@ -1,5 +1,6 @@
 """The report's figures: training curves, t-SNE of penultimate features (by class and by image source), tuning
 overview. One colour per class across every figure of a report (`palette`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,9 +57,17 @@ def tsne(m: ModelResult, colours: dict[str, tuple], path: Path, seed: int = 0) -
         for s, mk in markers.items():
             sel = (y == k) & (split == s)
             if sel.any():
-                axes[0].scatter(xy[sel, 0], xy[sel, 1], color=colours[c], marker=mk, s=22 if s != "test" else 40,
-                                edgecolor="black" if s == "test" else "none", linewidth=0.5,
-                                label=f"{c} ({s})", alpha=0.85)
+                axes[0].scatter(
+                    xy[sel, 0],
+                    xy[sel, 1],
+                    color=colours[c],
+                    marker=mk,
+                    s=22 if s != "test" else 40,
+                    edgecolor="black" if s == "test" else "none",
+                    linewidth=0.5,
+                    label=f"{c} ({s})",
+                    alpha=0.85,
+                )
     axes[0].set_title("coloured by class (▲ test, ○ train, ■ validation)")
     modes = sorted(set(mode.tolist()))
     mode_colours = dict(zip(modes, sns.color_palette("Set2", len(modes))))

@@ -1,5 +1,6 @@
 """Rendering one list of report blocks to Markdown (PNGs beside it) and to self-contained HTML (images embedded).
 Every piece of text that came from folders, recipes or MLflow is escaped in HTML."""
+
 from __future__ import annotations
 
 import base64
@@ -7,7 +8,8 @@ import html
 from pathlib import Path
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.4em 0}.note{color:#555}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#555}"""
 
@@ -48,8 +50,9 @@ def to_markdown(blocks: list, out_dir: Path) -> str:
 
 def to_html(blocks: list, title: str) -> str:
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
-             f"</head><body>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head><body>"
+    ]
     for b in blocks:
         if b[0] == "h":
             parts.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
@@ -57,12 +60,18 @@ def to_html(blocks: list, title: str) -> str:
             parts.append(f"<p>{e(b[1])}</p>")
         elif b[0] == "table":
             _, headers, rows, tid = b
-            parts.append(f"<div style='overflow-x:auto'><table id='{e(tid)}'><tr>" + "".join(f"<th>{e(str(x))}</th>" for x in headers) + "</tr>")
+            parts.append(
+                f"<div style='overflow-x:auto'><table id='{e(tid)}'><tr>"
+                + "".join(f"<th>{e(str(x))}</th>" for x in headers)
+                + "</tr>"
+            )
             parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows]
             parts.append("</table></div>")
         elif b[0] == "img":
             data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-            parts.append(f"<figure><img alt='{e(b[2])}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{e(b[2])}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{e(b[2])}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{e(b[2])}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)

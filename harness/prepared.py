@@ -1,0 +1,97 @@
+"""Prepared stage: everything a fit needs that does not depend on the head's hyperparameters — the task's data, the
+backbone with its weights, and (frozen backbone) the backbone's cached feature maps and their average-pooled vectors.
+
+An `avg` head trains on the pooled vectors (1280 numbers an image instead of 7x7x1280) and `assemble` puts the pooling
+back between backbone and head in the logged model: pooling has no weights, so both are the same function.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+
+import keras
+import numpy as np
+
+from harness.data import TaskData, prepare_task
+from harness.features import features_for
+from harness.models import assemble, build_backbone, build_head
+from harness.models.backbones import SPECS, WeightsInfo
+from harness.recipe import HeadConfig, ModelConfig, Recipe
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    mcfg: ModelConfig
+    task: TaskData
+    backbone: keras.Model
+    weights: WeightsInfo
+    feats: np.ndarray | None  # cached backbone feature maps (frozen backbone) or None (images go through)
+    info: dict  # feature_cache (hit | miss | bypassed (why)), timings
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.task.classes)
+
+    @property
+    def on_features(self) -> bool:
+        return self.feats is not None
+
+    @cached_property
+    def pooled(self) -> np.ndarray:
+        return self.feats.mean(axis=(1, 2)) if self.feats.ndim == 4 else self.feats
+
+    def head_input_shape(self, pooling: str) -> tuple:
+        maps = tuple(self.backbone.output.shape[1:])
+        return maps[-1:] if pooling == "avg" and len(maps) == 3 else maps
+
+    def take(self, idx: np.ndarray, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of some images: pooled vectors or maps of the cached features for a head, images for a full model."""
+        if not self.on_features:
+            return self.task.x[idx], self.task.y[idx]
+        source = self.pooled if pooling == "avg" else self.feats
+        return source[idx], self.task.y[idx]
+
+    def inputs(self, split: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.take(self.task.splits[split], pooling)
+
+    def build(self, head_cfg: HeadConfig) -> tuple[keras.Model, keras.Model]:
+        """(model to fit, head): the head alone on cached features, or backbone + head on images."""
+        head = build_head(
+            self.head_input_shape(head_cfg.pooling), self.n_classes, head_cfg.units, head_cfg.dropout, head_cfg.pooling
+        )
+        return (head if self.on_features else full_model(self, head)), head
+
+
+def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> Prepared:
+    t0 = time.perf_counter()
+    task = task or prepare_task(recipe, mcfg.task)
+    t1 = time.perf_counter()
+    backbone, winfo = build_backbone(mcfg.backbone, mcfg.weights, recipe.data.image_size)
+    if mcfg.trainable or recipe.training_for(mcfg).augment:
+        why = "trainable backbone" if mcfg.trainable else "augmentation"
+        feats, info = None, {"feature_cache": f"bypassed ({why})", "extract_seconds": 0.0}
+    else:
+        feats, info = features_for(task, mcfg.backbone, backbone, winfo, recipe.data.image_size, recipe.data.colour)
+    info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)
+    return Prepared(recipe, mcfg, task, backbone, winfo, feats, info)
+
+
+def full_model(prep: Prepared, head: keras.Model) -> keras.Model:
+    """Raw images -> preprocessing -> backbone -> (pooling) -> head: the model that is fitted on images, and logged."""
+    return assemble(
+        prep.backbone,
+        head,
+        SPECS[prep.mcfg.backbone].preprocess,
+        prep.recipe.data.image_size,
+        trainable_backbone=prep.mcfg.trainable,
+        augment=prep.recipe.training_for(prep.mcfg).augment,
+    )
+
+
+def refresh_backbone(prep: Prepared) -> Prepared:
+    """Fresh pretrained backbone weights, so every trial or refit that trains the backbone starts from the same."""
+    prep.backbone, _ = build_backbone(prep.mcfg.backbone, prep.mcfg.weights, prep.recipe.data.image_size)
+    return prep
