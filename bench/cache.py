@@ -5,10 +5,12 @@ python bench/cache.py            # demo data, EfficientNet-Lite0, 224 px
 """
 
 import argparse
+import logging
 from pathlib import Path
 
 import harness  # noqa: F401  (thread settings before TensorFlow)
 from harness.bench import main_cache
+from harness.cli import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +23,7 @@ if __name__ == "__main__":
     ap.add_argument("--weights", default=None, help="override the model's weights (imagenet | none | path)")
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
+    setup_logging(logging.INFO)  # trial lines and warnings, as the CLI shows them
     from harness.recipe import load_recipe
 
     idx = next(i for i, m in enumerate(load_recipe(a.recipe).models) if a.model in (None, m.key))

@@ -4,10 +4,12 @@ python bench/study.py --recipe recipes/challenge.yaml --only task1-efficientnet_
 """
 
 import argparse
+import logging
 from pathlib import Path
 
 import harness  # noqa: F401  (thread settings before TensorFlow)
 from harness.bench import main_study
+from harness.cli import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,4 +20,5 @@ if __name__ == "__main__":
     ap.add_argument("--max-trials", type=int, default=None)
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
+    setup_logging(logging.INFO)  # trial lines and warnings, as the CLI shows them
     main_study(a.recipe, a.only, a.max_trials, {"data.root": a.data_root})

@@ -6,10 +6,12 @@ loop on preloaded tensors), for an avg and a flatten head; the ratios; and what 
 """
 
 import argparse
+import logging
 from pathlib import Path
 
 import harness  # noqa: F401  (thread settings before TensorFlow)
 from harness.bench import main_trial
+from harness.cli import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,4 +22,5 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
+    setup_logging(logging.INFO)  # trial lines and warnings, as the CLI shows them
     main_trial(a.recipe, a.model, a.repeats, {"data.root": a.data_root})

@@ -12,6 +12,7 @@ heads the ~0.6 s compile costs more than it saves.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -236,11 +237,17 @@ def make_evaluator(
     return evaluate
 
 
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Inference-mode outputs in batches through one compiled function (`model.predict` re-plans every call)."""
+    """Inference-mode outputs in batches through one compiled function per model (`model.predict` re-plans every
+    call, and a new tf.function per call would retrace every time)."""
     import tensorflow as tf
 
     if not len(x):
         return np.zeros((0,) + tuple(model.output.shape[1:]), np.float32)
-    forward = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+    if model not in _FORWARD:
+        _FORWARD[model] = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+    forward = _FORWARD[model]
     return np.concatenate([forward(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
