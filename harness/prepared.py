@@ -32,6 +32,10 @@ class Prepared:
     info: dict  # feature_cache (hit | miss | bypassed (why)), timings
 
     @property
+    def image_size(self) -> int:
+        return self.recipe.image_size_for(self.mcfg)
+
+    @property
     def n_classes(self) -> int:
         return len(self.task.classes)
 
@@ -67,14 +71,15 @@ class Prepared:
 
 def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> Prepared:
     t0 = time.perf_counter()
-    task = task or prepare_task(recipe, mcfg.task)
+    size = recipe.image_size_for(mcfg)
+    task = task or prepare_task(recipe, mcfg.task, size)
     t1 = time.perf_counter()
-    backbone, winfo = build_backbone(mcfg.backbone, mcfg.weights, recipe.data.image_size)
+    backbone, winfo = build_backbone(mcfg.backbone, mcfg.weights, size, recipe.weights_mirror)
     if mcfg.trainable or recipe.training_for(mcfg).augment:
         why = "trainable backbone" if mcfg.trainable else "augmentation"
         feats, info = None, {"feature_cache": f"bypassed ({why})", "extract_seconds": 0.0}
     else:
-        feats, info = features_for(task, mcfg.backbone, backbone, winfo, recipe.data.image_size, recipe.data.colour)
+        feats, info = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.data.colour)
     info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)
     return Prepared(recipe, mcfg, task, backbone, winfo, feats, info)
 
@@ -85,7 +90,7 @@ def full_model(prep: Prepared, head: keras.Model) -> keras.Model:
         prep.backbone,
         head,
         SPECS[prep.mcfg.backbone].preprocess,
-        prep.recipe.data.image_size,
+        prep.image_size,
         trainable_backbone=prep.mcfg.trainable,
         augment=prep.recipe.training_for(prep.mcfg).augment,
     )
@@ -93,5 +98,6 @@ def full_model(prep: Prepared, head: keras.Model) -> keras.Model:
 
 def refresh_backbone(prep: Prepared) -> Prepared:
     """Fresh pretrained backbone weights, so every trial or refit that trains the backbone starts from the same."""
-    prep.backbone, _ = build_backbone(prep.mcfg.backbone, prep.mcfg.weights, prep.recipe.data.image_size)
+    m = prep.mcfg
+    prep.backbone, _ = build_backbone(m.backbone, m.weights, prep.image_size, prep.recipe.weights_mirror)
     return prep

@@ -14,7 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.errors import HarnessError
 
-BACKBONES = ("vgg19", "densenet121", "efficientnet_lite0")
+# Each backbone's native input size: its images are resized to it unless the recipe or the model says otherwise.
+NATIVE_SIZE = {
+    "vgg19": 224,
+    "densenet121": 224,
+    "efficientnet_lite0": 224,
+    "efficientnet_lite1": 240,
+    "efficientnet_lite2": 260,
+}
+BACKBONES = tuple(NATIVE_SIZE)
 
 
 class Strict(BaseModel):
@@ -32,7 +40,7 @@ class Synthetic(Strict):
 class DataConfig(Strict):
     root: Path | None = None  # task folders are relative to this (else to the recipe's folder)
     synthetic: Synthetic | None = None  # when set, root is the generated demo data
-    image_size: int = Field(224, ge=32, le=1024)
+    image_size: int | None = Field(None, ge=32, le=1024)  # None: each backbone's native size
     colour: Literal["grey", "rgb"] = "grey"  # grey: colour mode is a source shortcut in the COVID data
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0, lt=0.5)  # carved from train when a task has no test folder
@@ -127,6 +135,10 @@ class ModelConfig(Strict):
     task: str
     backbone: Literal[BACKBONES]  # type: ignore[valid-type]
     weights: str = "imagenet"  # imagenet | none | path to a .weights.h5 / .h5 file
+    image_size: int | None = Field(None, ge=32, le=1024)  # overrides data.image_size for this model
+    # false: when its ImageNet weights can be neither found nor fetched, the study skips this model (and says so)
+    # instead of stopping; for the Keras applications whose files a fresh machine may not reach.
+    required: bool = True
     trainable: bool = False  # True fine-tunes the whole backbone from the start (the seed's DenseNet121)
     name: str | None = None
     head: HeadConfig | None = None
@@ -146,6 +158,9 @@ class Recipe(Strict):
     head: HeadConfig = HeadConfig()
     training: TrainingConfig = TrainingConfig()
     search: SearchConfig = SearchConfig()
+    # Where Keras application weights are fetched from when absent: a base URL (http(s):// or file://) laid out like
+    # Keras' own (<base>/vgg19/<file>); default $HARNESS_WEIGHTS_MIRROR, else Keras' URL.
+    weights_mirror: str | None = None
     source: Path | None = Field(None, exclude=True)  # the file it came from, for messages and relative paths
 
     @model_validator(mode="after")
@@ -168,6 +183,9 @@ class Recipe(Strict):
 
     def head_for(self, m: ModelConfig) -> HeadConfig:
         return m.head or self.head
+
+    def image_size_for(self, m: ModelConfig) -> int:
+        return m.image_size or self.data.image_size or NATIVE_SIZE[m.backbone]
 
     def training_for(self, m: ModelConfig) -> TrainingConfig:
         return m.training or self.training

@@ -321,13 +321,33 @@ def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
 def tune(
     recipe: Recipe, only: list[str] | None = None, resume: bool = False, max_trials: int | None = None
 ) -> list[dict]:
-    """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`)."""
+    """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`).
+
+    Every model's weights are resolved first (fetched when missing), so a missing file stops the study before an
+    hour of work, not after it; a model marked `required: false` is skipped instead, with its reason recorded on
+    the study's experiment for the report. Skipped models come back as {"model", "skipped"}."""
     from harness.models.backbones import resolve_weights
 
     models = [recipe.model(k) for k in only] if only else recipe.models
-    for m in models:  # fail before an hour of work, not after it, when a later model's weights are missing
+    skipped: dict[str, str] = {}
+    for m in models:
         try:
-            resolve_weights(m.backbone, m.weights)
+            resolve_weights(m.backbone, m.weights, recipe.weights_mirror)
         except HarnessError as e:
-            raise HarnessError(f"{m.key}: {e} (or skip it: --only another model)") from None
-    return [search_model(recipe, m, resume=resume, max_trials=max_trials) for m in models]
+            if m.required:
+                raise HarnessError(f"{m.key}: {e} (or skip it: --only another model)") from None
+            skipped[m.key] = str(e)
+            log.warning("skipping %s (required: false): %s", m.key, e)
+    exp_id = tracking.setup(recipe.study)
+    c = tracking.client()
+    for m in models:  # the report says why a model of the recipe has no result, or no longer says it
+        if m.key in skipped:
+            c.set_experiment_tag(exp_id, f"harness.skipped.{m.key}", skipped[m.key][:5000])
+        elif f"harness.skipped.{m.key}" in c.get_experiment(exp_id).tags:
+            c.delete_experiment_tag(exp_id, f"harness.skipped.{m.key}")
+    return [
+        {"model": m.key, "skipped": skipped[m.key]}
+        if m.key in skipped
+        else search_model(recipe, m, resume=resume, max_trials=max_trials)
+        for m in models
+    ]

@@ -1,5 +1,6 @@
 """Shared fixtures: every test gets its own MLflow store; decoded images, features and converted weights are cached
-once per session. KERAS_HOME points at an empty folder, so nothing can reach for ImageNet downloads."""
+once per session. KERAS_HOME points at an empty folder and weights fetches at a closed loopback port, so nothing
+reaches for ImageNet downloads on the network."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def harness_home(tmp_path, session_cache, monkeypatch) -> Path:
     monkeypatch.setenv("HARNESS_HOME", str(home))
     monkeypatch.setenv("HARNESS_CACHE", str(session_cache))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    # Weights fetches go to a closed loopback port unless a test serves a mirror itself: tests never leave the machine.
+    monkeypatch.setenv("HARNESS_WEIGHTS_MIRROR", "http://127.0.0.1:9/")
     # setenv (not delenv) so pytest restores them: MLflow itself exports both variables once it is used.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")

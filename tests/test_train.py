@@ -18,7 +18,7 @@ def test_train_cli_end_to_end(tiny_recipe, mlflow_client):
     (run,) = mlflow_client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     p, m, t = run.data.params, run.data.metrics, run.data.tags
-    assert p["model.backbone"] == "efficientnet_lite0" and p["training.epochs"] == "2" and p["data.image_size"] == "32"
+    assert p["model.backbone"] == "efficientnet_lite0" and p["training.epochs"] == "2" and p["model.image_size"] == "32"
     for key in (
         "loss",
         "accuracy",

@@ -61,15 +61,17 @@ def data_root(recipe: Recipe) -> Path:
     return recipe.source.parent if recipe.source else Path.cwd()
 
 
-def _decode_all(items: list[Item], recipe: Recipe, label: str) -> list[Decoded]:
+def _decode_all(items: list[Item], recipe: Recipe, size: int, label: str) -> list[Decoded]:
     d, cache = recipe.data, get_paths().image_cache
     return [
-        decode(it.path, d.image_size, d.colour, cache, d.min_side, d.max_pixels)
+        decode(it.path, size, d.colour, cache, d.min_side, d.max_pixels)
         for it in track(items, description=label, transient=True)
     ]
 
 
-def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
+def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None) -> TaskData:
+    """The task's images decoded at `image_size` (default the recipe's, else 224 px), labelled and split."""
+    size = image_size or recipe.data.image_size or 224
     task = recipe.tasks[task_name]
     root = data_root(recipe)
     train_root = task.train_dir if task.train_dir.is_absolute() else root / task.train_dir
@@ -90,7 +92,7 @@ def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
     if any("folder not found" in p or "at least two class" in p or "empty class" in p for p in problems):
         raise HarnessError(f"task '{task_name}' in {recipe.source}: " + "; ".join(problems))
     all_items = items + test_items
-    decoded = _decode_all(all_items, recipe, f"Checking {len(all_items)} images of {task_name}")
+    decoded = _decode_all(all_items, recipe, size, f"Checking {len(all_items)} images of {task_name}")
     problems += [dec.problem for dec in decoded if dec.problem]
     if problems and recipe.data.on_bad_file == "fail":
         head = f"{len(problems)} data problem(s) in task '{task_name}' (data.on_bad_file: fail in {recipe.source}):"
@@ -110,7 +112,7 @@ def prepare_task(recipe: Recipe, task_name: str) -> TaskData:
     for s, idx in splits.items():
         for i in idx:
             split_of[i] = s
-    x = np.stack([decoded[i].array for i in keep]) if keep else np.zeros((0, d.image_size, d.image_size, 3), np.uint8)
+    x = np.stack([decoded[i].array for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
     sha1s = [decoded[i].sha1 for i in keep]
     names = [f"{f.parent.name}/{f.name}" for f in files]
     return TaskData(

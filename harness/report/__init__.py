@@ -77,8 +77,9 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             )
             search_s = m.search.data.metrics.get("search_seconds") if m.search else None
             sha = m.tags.get("weights_sha256", "")
+            origin = m.tags.get("weights_origin", "")
             weights = WEIGHTS_WORDS.get(m.tags.get("weights", ""), m.tags.get("weights", "?")) + (
-                f" (sha256 {sha[:12]})" if sha else ""
+                f" ({origin + ', ' if origin and origin != 'random init' else ''}sha256 {sha[:12]})" if sha else ""
             )
             row = [
                 m.key,
@@ -273,7 +274,7 @@ def _data(models: list[ModelResult]) -> list:
             h(f"Task {task}", 3),
             table(["split"] + d["classes"] + ["total"], rows, f"counts-{task}"),
             p(
-                f"Test split: {d['test_source']}. Preprocessing: {m.params.get('data.image_size')} px, colour "
+                f"Test split: {d['test_source']}. Preprocessing: {m.params.get('model.image_size')} px, colour "
                 f"policy '{m.params.get('data.colour')}' (greyscale replicated to 3 channels by default), the "
                 f"backbone's own input scaling inside the model. Original colour modes per class: "
                 + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in md.items()) for c, md in d["modes"].items())

@@ -55,7 +55,7 @@ class Study:
     name: str
     experiment_id: str
     models: list[ModelResult]
-    missing: list[str]
+    missing: list[str]  # expected models without a final run, with the reason when the search skipped them
     device_runs: list[Run]  # every final/train run of the study, for the CPU-vs-GPU table
 
 
@@ -149,5 +149,6 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                     else [],
                 )
             )
-    missing = [k for k in (expected or []) if k not in chosen]
+    skipped = {k.removeprefix("harness.skipped."): v for k, v in exp.tags.items() if k.startswith("harness.skipped.")}
+    missing = [f"{k} (skipped: {skipped[k]})" if k in skipped else k for k in (expected or []) if k not in chosen]
     return Study(study, exp.experiment_id, models, missing, finals)
