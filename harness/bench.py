@@ -285,12 +285,17 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
 
 
 def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | None) -> dict:
-    """Wall time and peak RSS of a whole study (tune + compare), broken down by phase from the runs it logged."""
-    from harness.report import compare
+    """Wall time and peak RSS of a whole study (tune + compare), broken down by phase from the runs it logged; per
+    model its test accuracy with both CIs and the floor on the same images, and per task every pair of models
+    compared with the exact McNemar test (the numbers of the report, recomputed from the logged predictions)."""
+    import itertools
+
+    from harness.report import compare, paired, test_metrics
+    from harness.report.collect import collect
     from harness.search import tune
 
     t0 = time.perf_counter()
-    results = tune(recipe, only=only, max_trials=max_trials)
+    results = [r for r in tune(recipe, only=only, max_trials=max_trials) if "skipped" not in r]
     tune_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     compare(recipe.study, expected=[m.key for m in recipe.models])
@@ -308,22 +313,44 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
     phases["other"] = max(0.0, tune_s - sum(phases.values()))
     phases["report"] = report_s
     total = time.perf_counter() - t0
+    ran = {r["model"] for r in results}
+    study = collect(recipe.study)
+    models = [m for m in study.models if m.key in ran]
+    per_model, pairs = {}, []
+    for m in models:
+        t = test_metrics(m)
+        floor = paired(m.split("test"), m.baseline_predictions) if m.baseline else None
+        per_model[m.key] = {
+            "n": t["n"],
+            "accuracy": t["accuracy"],
+            "bootstrap_ci": [t["accuracy_ci_low"], t["accuracy_ci_high"]],
+            "exact_ci": [t["accuracy_cp_low"], t["accuracy_cp_high"]],
+            "macro_f1": t["macro_f1"],
+            "floor_accuracy": m.baseline.data.metrics.get("test.accuracy") if m.baseline else None,
+            "p_vs_floor": floor["p_value"] if floor else None,
+        }
+    for a, b in itertools.combinations(models, 2):
+        res = paired(a.split("test"), b.split("test")) if a.task == b.task else None
+        if res:
+            pairs.append(
+                {"a": a.key, "b": b.key, "only_a": res["a_only"], "only_b": res["b_only"], "p": res["p_value"]}
+            )
     result = {
         "study": recipe.study,
-        "models": [r["model"] for r in results],
+        "models": sorted(ran),
         "trials_per_model": max_trials or recipe.search.max_trials,
-        "image_size": ", ".join(sorted({f"{recipe.image_size_for(recipe.model(r['model']))}" for r in results})),
+        "image_size": ", ".join(sorted({f"{recipe.image_size_for(recipe.model(k))}" for k in ran})),
         "total_s": total,
         "peak_rss_mib": peak_rss_mib(),
         **{f"phase.{k}_s": v for k, v in phases.items()},
-        **{f"test_accuracy.{r['model']}": r["test"].get("accuracy", float("nan")) for r in results},
+        **{f"test_accuracy.{k}": v["accuracy"] for k, v in per_model.items()},
     }
     _log_bench(
         f"study {recipe.study}",
         result,
         {"study": recipe.study, "image_size": result["image_size"], "models": ",".join(result["models"])},
     )
-    return result
+    return {**result, "per_model": per_model, "pairs": pairs}
 
 
 def main_cache(recipe_path: Path, model: str | None, epochs: int, overrides: dict) -> None:
@@ -379,10 +406,24 @@ def main_study(recipe_path: Path, only: list[str] | None, max_trials: int | None
     r = study_benchmark(load_recipe(recipe_path, overrides), only, max_trials)
     rows = [(k.removeprefix("phase.").removesuffix("_s"), f"{v:.1f} s") for k, v in r.items() if k.startswith("phase.")]
     rows += [("total", f"{r['total_s']:.1f} s"), ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")]
-    rows += [(k, f"{v:.3f}") for k, v in r.items() if k.startswith("test_accuracy.")]
+    for k, m in r["per_model"].items():
+        floor = ""
+        if m["p_vs_floor"] is not None:
+            floor = f"; floor {m['floor_accuracy']:.3f}, McNemar p {m['p_vs_floor']:.3f}"
+        rows.append(
+            (
+                k,
+                f"test {m['accuracy']:.3f} (n={m['n']}) bootstrap [{m['bootstrap_ci'][0]:.3f}, "
+                f"{m['bootstrap_ci'][1]:.3f}] exact [{m['exact_ci'][0]:.3f}, {m['exact_ci'][1]:.3f}]{floor}",
+            )
+        )
+    rows += [
+        (f"{p['a']} vs {p['b']}", f"only A right {p['only_a']}, only B right {p['only_b']}, McNemar p {p['p']:.3f}")
+        for p in r["pairs"]
+    ]
     print_rows(
         f"Study benchmark: {r['study']} ({', '.join(r['models'])}), {r['image_size']} px, "
         f"{r['trials_per_model']} trials per model",
         rows,
     )
-    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, default=str))
