@@ -19,6 +19,12 @@ from harness.paths import get_paths
 from harness.recipe import Recipe, load_recipe
 
 
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -203,7 +209,7 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
     a flatten head with the recipe's depth, epochs and batch size. Medians of `repeats`."""
     from harness.prepared import prepare
     from harness.recipe import FloatRange, IntRange
-    from harness.search import make_tuner
+    from harness.search import HeadHyperModel, make_tuner, search_folds
 
     mcfg = recipe.model(model_key)
     prep = prepare(recipe, mcfg)
@@ -233,13 +239,23 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
                     "pooling": [pooling],
                 }
             )
-            harness_s = []
+            harness_s, rss = [], []
             for r in range(repeats):
                 project = get_paths().tuner_dir / "bench" / f"trial-{pooling}-{r}"
-                tuner = make_tuner(prep, space, project, False, parent.info.run_id, tcfg.epochs, 1)
+                tuner = make_tuner(
+                    HeadHyperModel(prep, space),
+                    space,
+                    project,
+                    False,
+                    parent.info.run_id,
+                    tcfg.epochs,
+                    1,
+                    search_folds(prep, 1, space.seed),
+                )
                 t0 = time.perf_counter()
                 tuner.search(verbose=0)
                 harness_s.append(time.perf_counter() - t0)
+                rss.append(current_rss_mib())
                 (trial,) = tuner.oracle.trials.values()
                 if trial.status != "COMPLETED":
                     raise RuntimeError(f"the benchmark's {pooling} trial failed: {trial.message}")
@@ -268,6 +284,8 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
                     f"{pooling}.plain_loop_xla_s": plain[True],
                     f"{pooling}.lower_bound_s": lower,
                     f"{pooling}.ratio_to_lower_bound": h / lower,
+                    # Memory a trial keeps after it ends: ~0 when fits give their variables back.
+                    f"{pooling}.rss_growth_mib_per_trial": (rss[-1] - rss[0]) / max(1, len(rss) - 1),
                     f"{pooling}.keras_fit_s": keras_fit_seconds(*args),
                     f"{pooling}.head_params": int(
                         sum(
@@ -292,7 +310,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
 
     from harness.report import compare, paired, test_metrics
     from harness.report.collect import collect
-    from harness.search import tune
+    from harness.study import tune
 
     t0 = time.perf_counter()
     results = [r for r in tune(recipe, only=only, max_trials=max_trials) if "skipped" not in r]
@@ -391,6 +409,7 @@ def main_trial(recipe_path: Path, model: str | None, repeats: int, overrides: di
                 f"{r[f'{pooling}.plain_loop_s']:.2f} ({r[f'{pooling}.plain_loop_xla_s']:.2f})",
             ),
             (f"{pooling}: harness / lower bound", f"{r[f'{pooling}.ratio_to_lower_bound']:.2f}x"),
+            (f"{pooling}: RSS kept per trial, MiB", f"{r[f'{pooling}.rss_growth_mib_per_trial']:.0f}"),
             (f"{pooling}: Keras model.fit, s (as before)", f"{r[f'{pooling}.keras_fit_s']:.2f}"),
             (f"{pooling}: head parameters", f"{r[f'{pooling}.head_params']:,}"),
         ]

@@ -160,7 +160,7 @@ def tune(
     data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
 ):
     """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered."""
-    from harness.search import tune as tune_fn
+    from harness.study import tune as tune_fn
 
     r = _load(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs, max_trials=max_trials))
     for res in tune_fn(r, only=only, resume=resume):

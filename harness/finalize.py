@@ -1,6 +1,8 @@
-"""Final model: fit a head (the recipe's, or the best a search found), fine-tune it when the model asks for it, then
-evaluate it once on validation and test, log predictions, embeddings and the full model, and register it.
-Shared by `harness train` and the search's refit, so both produce the same run.
+"""Final model: fit the chosen head (the recipe's, or the best a search found) the way the recipe asks — on the train
+split with the best validation epoch kept, as the K fold heads of the cross-validation averaged (`ensemble`), or on
+all of train+validation for the epoch count the folds chose (`refit`) — then evaluate it once: validation (or the
+out-of-fold predictions), the test split read exactly once, test-time augmentation when asked; log predictions,
+embeddings and the full model, and register it. Shared by `harness train` and the search's final stage.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -17,11 +20,38 @@ import numpy as np
 from harness import tracking
 from harness.evaluate import as_proba, confusion_figure, metrics, prediction_rows
 from harness.features import extract
-from harness.fit import fit_on, make_optimizer, predict
+from harness.fit import FitResult, Fold, fit_on, optimizer_factory, predict
 from harness.models.backbones import SPECS
-from harness.models.heads import penultimate
-from harness.prepared import Prepared, full_model
+from harness.models.heads import augmentation, average, penultimate
+from harness.prepared import Prepared, full_model, refresh_backbone
 from harness.recipe import HeadConfig, TrainingConfig
+
+
+@dataclass
+class FinalModel:
+    """The fitted members of a final model: one, or the K fold models of an ensemble (averaged)."""
+
+    members: list[keras.Model]  # heads on cached features, or full models on images (fine-tuned)
+    heads: list[keras.Model]
+    backbones: list[keras.Model]  # each member's own backbone when members take images
+    folds: list[Fold]  # what each member trained on and, except after a refit, what validated it
+    results: list[FitResult]
+    mode: str  # single | ensemble | refit
+    pooling: str
+    on_images: bool = False
+
+    def full_models(self, prep: Prepared) -> list[keras.Model]:
+        """Each member as a model of raw images (test-time augmentation runs them one by one)."""
+        if self.on_images:
+            return self.members
+        return [full_model(prep, h, name=f"member{k}") for k, h in enumerate(self.heads)]
+
+    def full_model(self, prep: Prepared) -> keras.Model:
+        """Raw 0-255 images in, class probabilities out: what is logged, registered and served. Heads on a frozen
+        backbone share it: the backbone runs once and its features go to the averaged heads."""
+        if self.on_images:
+            return average(self.members, name="ensemble")
+        return full_model(prep, average(self.heads, name="heads"), name="final")
 
 
 def registered_name(prep: Prepared) -> str:
@@ -29,46 +59,128 @@ def registered_name(prep: Prepared) -> str:
     return f"{prep.recipe.study}-{prep.mcfg.key}"
 
 
-def head_inputs(prep: Prepared, pooling: str) -> np.ndarray:
-    """What the head sees for every image of the task: cached features, or the backbone's output on the images."""
-    if prep.on_features:
-        return prep.take(np.arange(len(prep.task.y)), pooling)[0]
-    maps = extract(prep.backbone, SPECS[prep.mcfg.backbone].preprocess, prep.task.x, label="Embedding images")
-    return maps.mean(axis=(1, 2)) if len(prep.head_input_shape(pooling)) == 1 else maps
+def final_folds(prep: Prepared, mode: str, folds: list[Fold], pool: np.ndarray | None = None) -> list[Fold]:
+    """The folds the final members train on: the search's folds (single split, or the K folds of an ensemble), or
+    all of `pool` (default train+validation) with nothing held out for a refit."""
+    return [Fold(prep.task.pool() if pool is None else pool)] if mode == "refit" else folds
 
 
-def finish(
-    prep: Prepared, model_fit: keras.Model, head: keras.Model, pooling: str, register_as: str | None = None
-) -> dict:
-    """Evaluate once on val and test, log figures, predictions, embeddings and the full model (once)."""
-    t, out = prep.task, {}
+def fit_final(
+    prep: Prepared,
+    head_cfg: HeadConfig,
+    learning_rate: float,
+    tcfg: TrainingConfig,
+    folds: list[Fold],
+    seed: int,
+    objective: str,
+    epochs: int | None = None,
+    mode: str = "single",
+    refit_pool: np.ndarray | None = None,
+) -> FinalModel:
+    """Fit the members. `single` keeps each member's best validation epoch (`objective`); `ensemble` and `refit`
+    train for `epochs`, the epoch count the cross-validation chose for this head."""
+    members_folds = final_folds(prep, mode, folds, refit_pool)
+    members, heads, backbones = [], [], []
+    for _ in members_folds:
+        if not prep.on_features:  # every member trains its own copy of the pretrained backbone
+            prep = refresh_backbone(prep)
+        model, head = prep.build(head_cfg, name=f"member{len(members)}")
+        members.append(model)
+        heads.append(head)
+        backbones.append(prep.backbone)
+    with tracking.EpochProgress(epochs or tcfg.epochs, prep.mcfg.key) as progress:
+        results = fit_on(
+            prep,
+            members,
+            head_cfg.pooling,
+            members_folds,
+            epochs or tcfg.epochs,
+            tcfg.batch_size,
+            optimizer_factory(tcfg.optimizer, learning_rate),
+            seed,
+            monitor=objective if mode == "single" else None,
+            restore_best=mode == "single",
+            on_epoch=progress,
+        )
+    return FinalModel(
+        members, heads, backbones, members_folds, results, mode, head_cfg.pooling, on_images=not prep.on_features
+    )
+
+
+def head_inputs(prep: Prepared, final: FinalModel, k: int) -> np.ndarray:
+    """What member k's head sees for every image of the task: the cached features, or its own backbone's output."""
+    if not final.on_images:
+        return prep.take(np.arange(len(prep.task.y)), final.pooling)[0]
+    maps = extract(final.backbones[k], SPECS[prep.mcfg.backbone].preprocess, prep.task.x, label="Embedding images")
+    return maps.mean(axis=(1, 2)) if len(final.heads[k].input.shape) == 2 else maps
+
+
+def member_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
+    x = prep.task.x[idx] if final.on_images else prep.take(idx, final.pooling)[0]
+    return as_proba(predict(final.members[k], x), prep.n_classes)
+
+
+def tta_predict(prep: Prepared, models: list[keras.Model], images: np.ndarray) -> np.ndarray:
+    """Probabilities averaged over the recipe's number of augmented copies of each image (and over the models)."""
+    import tensorflow as tf
+
+    ev = prep.recipe.evaluation
+    aug = augmentation(ev.tta_strength)
+    keras.utils.set_random_seed(prep.recipe.data.seed)
+    total = np.zeros((len(images), prep.n_classes))
+    for _ in range(ev.tta):
+        copies = aug(tf.constant(images.astype("float32")), training=True).numpy()
+        for m in models:
+            total += as_proba(predict(m, copies), prep.n_classes)
+    return total / (ev.tta * len(models))
+
+
+def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) -> dict:
+    """Evaluate once, log figures, predictions, embeddings and the full model (once). Validation metrics are the
+    members' own validation images: the val split, or every image of train+validation out of fold for an
+    ensemble (none after a refit). The test split is read once, here."""
+    t, out, seed = prep.task, {}, prep.recipe.data.seed
     t0 = time.perf_counter()
+    tta = prep.recipe.evaluation.tta
+    models = final.full_models(prep) if tta else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = []
-        for split in ("val", "test"):
-            idx = t.splits[split]
-            if not len(idx):
-                continue
-            x, _ = prep.take(idx, pooling)
-            proba = as_proba(predict(model_fit, x), prep.n_classes)
-            m = metrics(t.y[idx], proba, t.classes, seed=prep.recipe.data.seed)
-            out[split] = m
-            mlflow.log_metrics({f"{split}.{k}": v for k, v in m.items() if np.isfinite(v)})
-            if split == "test":
-                confusion_figure(
-                    t.y[idx],
-                    proba.argmax(axis=1),
-                    t.classes,
-                    f"{prep.mcfg.key} — test (n={len(idx)})",
-                    tmp / "confusion_test.png",
-                )
-                mlflow.log_artifact(str(tmp / "confusion_test.png"))
-            rows += prediction_rows(t, idx, proba, split)
+        val = [(k, f.val) for k, f in enumerate(final.folds) if f.val is not None and len(f.val)]
+        if val:
+            idx = np.concatenate([v for _, v in val])
+            proba = np.concatenate([member_predict(prep, final, k, v) for k, v in val])
+            order = np.argsort(idx)
+            idx, proba = idx[order], proba[order]
+            out["val"] = log_split_metrics(prep, "val", idx, proba, seed)
+            rows += prediction_rows(t, idx, proba, "val")
+            if tta:
+                tta_val = np.concatenate([tta_predict(prep, [models[k]], t.x[v]) for k, v in val])[order]
+                out["val_tta"] = log_split_metrics(prep, "val_tta", idx, tta_val, seed)
+        test = prep.read_test()  # the one read of the test split for this model
+        if len(test):
+            proba = np.mean([member_predict(prep, final, k, test) for k in range(len(final.members))], axis=0)
+            out["test"] = log_split_metrics(prep, "test", test, proba, seed)
+            confusion_figure(
+                t.y[test],
+                proba.argmax(axis=1),
+                t.classes,
+                f"{prep.mcfg.key} — test (n={len(test)})",
+                tmp / "confusion_test.png",
+            )
+            mlflow.log_artifact(str(tmp / "confusion_test.png"))
+            rows += prediction_rows(t, test, proba, "test")
+            if tta:
+                tta_test = tta_predict(prep, models, t.x[test])
+                out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
+                rows += prediction_rows(t, test, tta_test, "test_tta")
+        mlflow.log_metric("test_reads", prep.test_reads)
         mlflow.log_text(json.dumps(rows, indent=0), "predictions.json")
         t1 = time.perf_counter()
-        # Penultimate-layer features of every image, for the report's t-SNE.
-        emb = predict(penultimate(head), head_inputs(prep, pooling))
+        # Penultimate-layer features of every image (the members' side by side), for the report's t-SNE.
+        emb = np.concatenate(
+            [predict(penultimate(h), head_inputs(prep, final, k)) for k, h in enumerate(final.heads)], axis=1
+        )
         split_of = np.empty(len(t.y), dtype=object)
         for s, idx in t.splits.items():
             split_of[idx] = s
@@ -82,11 +194,17 @@ def finish(
         )
         mlflow.log_artifact(str(tmp / "embeddings.npz"))
     t2 = time.perf_counter()
-    log_full_model(prep, full_model(prep, head), register_as)
+    log_full_model(prep, final.full_model(prep), register_as)
     mlflow.log_metrics(
         {"evaluate_seconds": t1 - t0, "embed_seconds": t2 - t1, "log_model_seconds": time.perf_counter() - t2}
     )
     return out
+
+
+def log_split_metrics(prep: Prepared, name: str, idx: np.ndarray, proba: np.ndarray, seed: int) -> dict:
+    m = metrics(prep.task.y[idx], proba, prep.task.classes, seed=seed)
+    mlflow.log_metrics({f"{name}.{k}": v for k, v in m.items() if np.isfinite(v)})
+    return m
 
 
 def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) -> None:
@@ -104,39 +222,48 @@ def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) 
     )
 
 
+def log_final_fit(final: FinalModel) -> None:
+    """The members' training curves (averaged over an ensemble's members) and timings on the final run."""
+    r = final.results
+    mean = FitResult(
+        {k: list(np.mean([x.history[k] for x in r], axis=0)) for k in r[0].history},
+        r[0].epoch_seconds,
+        r[0].seconds,
+        sum(x.n_train for x in r),
+        r[0].monitor,
+        r[0].best_epoch,
+        r[0].jit,
+    )
+    tracking.log_fit(mean)
+    mlflow.set_tags({"fit.jit": str(mean.jit).lower(), "final.mode": final.mode, "final.members": str(len(r))})
+    if final.mode == "single" and mean.best_epoch is not None:
+        mlflow.log_metric("best_epoch", mean.best_epoch)
+
+
 def fit_and_finish(
     prep: Prepared,
     head_cfg: HeadConfig,
     learning_rate: float,
     tcfg: TrainingConfig,
     seed: int,
-    restore_best: str | None = None,
+    folds: list[Fold] | None = None,
+    objective: str = "val_loss",
+    epochs: int | None = None,
+    mode: str = "single",
     register_as: str | None = None,
 ) -> dict:
-    """Inside an active run: fit, fine-tune when the model asks for it, evaluate once, log and (optionally) register."""
-    model, head = prep.build(head_cfg)
+    """Inside an active run: fit the final model, evaluate once, log and (optionally) register."""
     splits = prep.task.splits
-    with tracking.EpochProgress(tcfg.epochs, prep.mcfg.key) as progress:
-        result = fit_on(
-            prep,
-            model,
-            head_cfg.pooling,
-            splits["train"],
-            splits["val"],
-            tcfg.epochs,
-            tcfg.batch_size,
-            make_optimizer(tcfg.optimizer, learning_rate),
-            seed,
-            monitor=restore_best,
-            restore_best=restore_best is not None,
-            on_epoch=progress,
-        )
-    tracking.log_fit(result)
-    mlflow.set_tag("fit.jit", str(result.jit).lower())
-    if result.best_epoch is not None:
-        mlflow.log_metric("best_epoch", result.best_epoch)
-    if prep.mcfg.finetune is not None:
-        from harness.finetune import finetune
-
-        prep, model = finetune(prep, head, prep.mcfg.finetune, tcfg, seed)
-    return finish(prep, model, head, head_cfg.pooling, register_as=register_as)
+    final = fit_final(
+        prep,
+        head_cfg,
+        learning_rate,
+        tcfg,
+        folds or [Fold(splits["train"], splits["val"])],
+        seed,
+        objective,
+        epochs,
+        mode,
+    )
+    log_final_fit(final)
+    return finish(prep, final, register_as=register_as)

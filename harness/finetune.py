@@ -1,67 +1,212 @@
-"""Fine-tuning stage, after the head is trained: unfreeze the backbone's top layers, lower learning rate, a few
-epochs on images (the feature cache cannot apply), BatchNorm kept frozen and in inference mode — the Keras
-transfer-learning guide's recipe. Logged as its own nested run with validation metrics before and after.
+"""Fine-tuning stage of a search: from the best head, a second Keras Tuner search over how many of the backbone's top
+blocks to unfreeze (0 = frozen), their learning rate and the augmentation strength (never flips), on images (the
+feature cache cannot apply), with BatchNorm frozen and in inference mode as in the Keras transfer-learning guide.
+
+Its trials use the same folds and objective as the head search and start from the head search's final heads, so
+"0 epochs of fine-tuning" is the bar: a fine-tuned final model replaces the head-only one only when its objective
+beats the head-only model's on the same validation images. Bounded by `max_trials` and a time budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
+import time
 
 import keras
+import keras_tuner as kt
 import mlflow
+import numpy as np
 
-from harness import tracking
-from harness.fit import fit_on, make_evaluator_for, make_optimizer
-from harness.prepared import Prepared, full_model
-from harness.recipe import FinetuneConfig, TrainingConfig
+from harness.finalize import FinalModel
+from harness.fit import FitResult, Fold, evaluate_on, fit_on, optimizer_factory
+from harness.models import assemble, build_backbone
+from harness.models.backbones import SPECS
+from harness.prepared import Prepared
+from harness.recipe import FinetuneSearch, TrainingConfig
+from harness.search import best_of, make_tuner, run_search
+
+log = logging.getLogger(__name__)
+
+# A backbone's "blocks", top to bottom, are runs of layers sharing a name prefix: EfficientNet-Lite's block15_* ...
+# and head_*, VGG's block5_*, DenseNet's conv5_block16_*. Layers outside any pattern form blocks of their own.
+BLOCK_PATTERNS = {
+    "vgg19": r"^(block\d+)_",
+    "densenet121": r"^(conv\d_block\d+|pool\d|conv\d)_",
+    "lite": r"^(stem|block\d+|head)_",
+}
 
 
-def unfreeze_top(backbone: keras.Model, n: int) -> list[str]:
-    """Make the last `n` weighted non-BatchNorm layers trainable; return their names."""
-    backbone.trainable = True
-    weighted = [layer for layer in backbone.layers if layer.weights]
-    chosen = [layer for layer in weighted if not isinstance(layer, keras.layers.BatchNormalization)][-n:]
+def blocks_of(backbone: keras.Model, backbone_name: str) -> list[list[keras.layers.Layer]]:
+    pattern = re.compile(BLOCK_PATTERNS["lite" if backbone_name.startswith("efficientnet_lite") else backbone_name])
+    out: list[list] = []
+    last = None
+    for layer in backbone.layers:
+        m = pattern.match(layer.name)
+        key = m.group(1) if m else layer.name
+        if key != last:
+            out.append([])
+            last = key
+        out[-1].append(layer)
+    return out
+
+
+def unfreeze_top_blocks(backbone: keras.Model, backbone_name: str, n: int) -> list[str]:
+    """Make the weighted non-BatchNorm layers of the top `n` blocks trainable (0: the backbone stays frozen); return
+    their names. BatchNorm stays frozen: on a few hundred images, updated statistics wreck pretrained features."""
+    chosen = [
+        layer
+        for block in (blocks_of(backbone, backbone_name)[-n:] if n else [])
+        for layer in block
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    backbone.trainable = bool(chosen)
     for layer in backbone.layers:
         layer.trainable = layer in chosen
     return [layer.name for layer in chosen]
 
 
-def finetune(
-    prep: Prepared, head: keras.Model, cfg: FinetuneConfig, tcfg: TrainingConfig, seed: int
-) -> tuple[Prepared, keras.Model]:
-    images = dataclasses.replace(prep, feats=None)
-    model = full_model(images, head)  # assemble() sets backbone.trainable; per-layer flags are set after it
-    names = unfreeze_top(prep.backbone, cfg.unfreeze_layers)
-    splits = images.task.splits
-    with tracking.run(
-        f"finetune {prep.mcfg.key}",
-        nested=True,
-        tags={"harness.kind": "finetune", "feature_cache": "bypassed (fine-tuning)"},
-    ):
-        mlflow.log_params(
-            {
-                "finetune.unfreeze_layers": cfg.unfreeze_layers,
-                "finetune.learning_rate": cfg.learning_rate,
-                "finetune.epochs": cfg.epochs,
-                "finetune.first_layer": names[0] if names else "",
-            }
+class FinetuneHyperModel(kt.HyperModel):
+    stage = "finetune"
+
+    def __init__(self, prep: Prepared, cfg: FinetuneSearch, tcfg: TrainingConfig, heads: list[keras.Model]):
+        super().__init__()
+        self.prep, self.cfg, self.tcfg, self.heads = prep, cfg, tcfg, heads
+        self.images = dataclasses.replace(prep, feats=None)  # fine-tuning trains on images
+
+    def declare(self, hp: kt.HyperParameters) -> dict:
+        c = self.cfg
+        return {
+            "ft_blocks": hp.Choice("ft_blocks", c.blocks),
+            "ft_learning_rate": hp.Choice("ft_learning_rate", c.learning_rate),
+            "ft_augment": hp.Choice("ft_augment", c.augment),
+        }
+
+    def member(self, values: dict, k: int) -> tuple[keras.Model, keras.Model, keras.Model]:
+        """(model, head, backbone) for fold k: a fresh pretrained backbone, a copy of fold k's trained head."""
+        p = self.prep
+        backbone, _ = build_backbone(p.mcfg.backbone, p.mcfg.weights, p.image_size, p.recipe.weights_mirror)
+        head = keras.models.clone_model(self.heads[k])
+        head.set_weights(self.heads[k].get_weights())
+        model = assemble(
+            backbone,
+            head,
+            SPECS[p.mcfg.backbone].preprocess,
+            p.image_size,
+            trainable_backbone=False,
+            augment=float(values["ft_augment"]),
+            name=f"member{k}",
         )
-        evaluate = make_evaluator_for(model, images.take(splits["val"], "maps"), prep.n_classes)
-        before = evaluate() if evaluate else {}
-        result = fit_on(
-            images,
-            model,
+        unfreeze_top_blocks(backbone, p.mcfg.backbone, int(values["ft_blocks"]))
+        return model, head, backbone
+
+    def build(self, hp):
+        return self.member(self.declare(hp), 0)[0]
+
+    def build_folds(self, hp, n: int) -> list[keras.Model]:
+        return [self.member(hp.values, k)[0] for k in range(n)]
+
+    def fit_folds(self, hp, models, folds, epochs, seed, monitor, restore_best) -> list[FitResult]:
+        return fit_on(
+            self.images,
+            models,
             "maps",
-            splits["train"],
-            splits["val"],
-            cfg.epochs,
-            tcfg.batch_size,
-            make_optimizer(tcfg.optimizer, cfg.learning_rate),
+            folds,
+            epochs,
+            self.tcfg.batch_size,
+            optimizer_factory(self.tcfg.optimizer, float(hp.values["ft_learning_rate"])),
             seed,
+            monitor=monitor,
+            restore_best=restore_best,
         )
-        tracking.log_fit(result)
-        after = evaluate() if evaluate else {}
-        mlflow.log_metrics(
-            {**{f"before.{k}": v for k, v in before.items()}, **{f"after.{k}": v for k, v in after.items()}}
+
+
+def start_objective(prep: Prepared, final: FinalModel, objective: str) -> float:
+    """The head-only final model's objective on its members' validation images: the bar fine-tuning must beat."""
+    return float(
+        np.mean([evaluate_on(prep, m, final.pooling, f.val)[objective] for m, f in zip(final.members, final.folds)])
+    )
+
+
+def finetune_stage(
+    prep: Prepared,
+    final: FinalModel,
+    cfg: FinetuneSearch,
+    tcfg: TrainingConfig,
+    folds: list[Fold],
+    parent_run_id: str,
+    project_dir,
+    resume: bool,
+) -> tuple[FinalModel, str, dict]:
+    """Search fine-tuning from `final`'s heads; return (the final model, "finetune" or "head", the chosen stage-2
+    hyperparameters with their objective, empty when head-only stays)."""
+    space = prep.recipe.search
+    objective = space.objective
+    start = start_objective(prep, final, objective)
+    hm = FinetuneHyperModel(prep, cfg, tcfg, final.heads)
+    deadline = time.monotonic() + cfg.time_budget_minutes * 60
+    tuner = make_tuner(
+        hm,
+        space,
+        project_dir.with_name(project_dir.name + "-finetune"),
+        resume,
+        parent_run_id,
+        cfg.epochs,
+        cfg.max_trials,
+        folds,
+        deadline=deadline,
+        tuner="random" if space.tuner == "hyperband" else space.tuner,
+    )
+    log.info(
+        "Fine-tuning %s: up to %d trials or %.0f min, from the head-only %s %.4f",
+        prep.mcfg.key,
+        cfg.max_trials,
+        cfg.time_budget_minutes,
+        objective,
+        start,
+    )
+    run_search(tuner)
+    best, score, epoch = best_of(tuner, prep.mcfg.key)
+    better = score < start if objective.endswith("loss") else score > start
+    mlflow.log_metrics(
+        {
+            f"finetune.start_{objective}": start,
+            f"finetune.best_{objective}": score,
+            "finetune.trials": len(tuner.oracle.trials),
+        }
+    )
+    mlflow.set_tag("finetune.chosen", str(better).lower())
+    if not better:
+        log.info(
+            "Fine-tuning did not beat the head-only model (%.4f vs %.4f): the final model stays head-only", score, start
         )
-    return images, model
+        return final, "head", {}
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(space.seed)
+    built = [hm.member(best, k) for k in range(len(final.members))]
+    members = [m for m, _, _ in built]
+    single = final.mode == "single"
+    results = fit_on(
+        hm.images,
+        members,
+        "maps",
+        final.folds,
+        cfg.epochs if single else epoch + 1,
+        tcfg.batch_size,
+        optimizer_factory(tcfg.optimizer, float(best["ft_learning_rate"])),
+        space.seed,
+        monitor=objective if single else None,
+        restore_best=single,
+    )
+    tuned = FinalModel(
+        members,
+        [h for _, h, _ in built],
+        [b for _, _, b in built],
+        final.folds,
+        results,
+        final.mode,
+        final.pooling,
+        on_images=True,
+    )
+    return tuned, "finetune", {**best, "objective": score}

@@ -1,36 +1,74 @@
-"""Fit stage: the one training loop of the harness, for a head on cached features and for backbone + head on images.
+"""Fit stage: the one training loop of the harness, for heads on cached features and for backbone + head on images,
+for one model or for K models at once (the K folds of a cross-validated trial).
 
 Why not `model.fit`: on cached features an average-pooled head's epoch is ~10 ms of arithmetic, and Keras' per-epoch
 machinery (data adapter, callbacks, a separate validation pass) adds ~0.1 s to it, so a 40-epoch trial cost 5 s
 instead of 1 s (bench/trial.py). Here the data are tensors in memory, an epoch is one compiled call (a loop over
-compiled steps) plus one compiled validation pass, and the per-epoch metrics come back as a history that the caller
-writes to MLflow in one batch. Large heads (a flatten head on 7x7x1280 maps has 16M weights) compile their step with
-XLA, which fuses the optimizer update into one pass over the weights: 2.7x faster per epoch here, while for small
-heads the ~0.6 s compile costs more than it saves.
+compiled steps) plus one compiled validation pass per model, and the per-epoch metrics come back as histories that
+the caller writes to MLflow in one batch.
+
+K models whose folds have the same number of batches per epoch take their steps together: one compiled step runs
+all K forward and backward passes and one optimizer applies all K updates (Adam and friends act per variable, so
+this equals K separate optimizers), so the K heads of a cross-validated trial pay the per-step overhead once.
+
+Large heads (a flatten head on 7x7x1280 maps has 16M weights) compile their step with XLA, which fuses the
+optimizer update into one pass over the weights: 2.7x faster per epoch here, while for small heads the ~0.6 s
+compile costs more than it saves.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 
+
+def _per_variable(cls: type) -> type:
+    """`cls` updating each variable with Keras' own `update_step`, without TensorFlow's distribution merge_call.
+
+    Inside a tf.function, the default strategy's merge_call keeps every variable the optimizer touched alive after
+    the function and the model are gone: a 16M-weight flatten head leaked its weights and Adam slots, ~190 MB per
+    trial that never came back (the study of six models peaked at 9 GB; tensorflow/tensorflow#92094). A harness fit
+    is never distributed, so the same update runs per variable, and memory stays flat."""
+    from keras import ops
+
+    class PerVariable(cls):
+        def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            for grad, variable in zip(grads, trainable_variables):
+                self.update_step(grad, variable, learning_rate)
+
+        def _apply_weight_decay(self, variables):
+            if self.weight_decay is None:
+                return
+            for variable in variables:
+                if self._use_weight_decay(variable):
+                    lr = ops.cast(self.learning_rate, variable.dtype)
+                    wd = ops.cast(self.weight_decay, variable.dtype)
+                    variable.assign(variable - variable * wd * lr)
+
+    PerVariable.__name__ = PerVariable.__qualname__ = cls.__name__
+    return PerVariable
+
+
 OPTIMIZERS = {
-    "adam": keras.optimizers.Adam,
-    "adamw": keras.optimizers.AdamW,
-    "sgd": keras.optimizers.SGD,
-    "rmsprop": keras.optimizers.RMSprop,
+    name: _per_variable(cls)
+    for name, cls in {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": keras.optimizers.SGD,
+        "rmsprop": keras.optimizers.RMSprop,
+    }.items()
 }
 JIT_MIN_PARAMS = 1_000_000
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    """`training.optimizer` with Keras' defaults for everything but the learning rate."""
-    return OPTIMIZERS[name](learning_rate=learning_rate)
+def optimizer_factory(name: str, learning_rate: float) -> Callable[[], keras.optimizers.Optimizer]:
+    """`training.optimizer` with Keras' defaults for everything but the learning rate; a factory, because every
+    group of models stepped together needs its own (its step counter drives Adam's bias correction)."""
+    return lambda: OPTIMIZERS[name](learning_rate=learning_rate)
 
 
 def make_loss(n_classes: int) -> keras.losses.Loss:
@@ -42,16 +80,35 @@ def targets(y: np.ndarray, n_classes: int) -> np.ndarray:
     return y.astype("float32").reshape(-1, 1) if n_classes == 2 else y.astype("int64")
 
 
+def count_correct(binary: bool):
+    """Right predictions in a batch: threshold 0.5 on a sigmoid column, argmax on softmax rows."""
+    import tensorflow as tf
+
+    def correct(yb, p):
+        if binary:
+            return tf.reduce_sum(tf.cast(tf.equal(tf.cast(p > 0.5, yb.dtype), yb), tf.float32))
+        return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(p, axis=-1), yb), tf.float32))
+
+    return correct
+
+
+@dataclass
+class Fold:
+    """Which images (indices into the fit's x) one model trains on and which validate it."""
+
+    train: np.ndarray
+    val: np.ndarray | None = None
+
+
 @dataclass
 class FitResult:
     history: dict[str, list[float]]  # loss, accuracy (+ val_loss, val_accuracy) per epoch
     epoch_seconds: list[float]
-    seconds: float  # the whole fit, tracing and compiling included
+    seconds: float  # the whole fit of this model's group, tracing and compiling included
     n_train: int
     monitor: str | None = None
     best_epoch: int | None = None  # index of the monitored best epoch (its weights are the model's when restored)
     jit: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -78,127 +135,192 @@ class FitResult:
         return rows
 
 
-def fit_model(
-    model: keras.Model,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray] | None,
+def fit_models(
+    models: list[keras.Model],
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: list[Fold],
     n_classes: int,
     epochs: int,
     batch_size: int,
-    optimizer: keras.optimizers.Optimizer,
+    optimizer: Callable[[], keras.optimizers.Optimizer],
     seed: int,
     monitor: str | None = None,
     restore_best: bool = False,
     jit: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
-) -> FitResult:
-    """Train `model` in place on (x, y) for `epochs`, shuffling each epoch with a seeded permutation.
+) -> list[FitResult]:
+    """Train model k in place on the images folds[k].train of (x, y) for `epochs`, each epoch in a fresh order
+    (seeded per model), validating on folds[k].val after every epoch.
 
-    `monitor` (val_loss or val_accuracy) marks the best epoch; with `restore_best` the model ends with that epoch's
-    weights (the final refit). Dropout and augmentation layers run in training mode, BatchNorm inside a frozen or
-    fine-tuned backbone stays in inference mode (`assemble` calls the backbone with training=False).
+    `monitor` (val_loss or val_accuracy) marks each model's best epoch; with `restore_best` the model ends with that
+    epoch's weights. Dropout and augmentation layers run in training mode, BatchNorm inside a frozen or fine-tuned
+    backbone stays in inference mode (`assemble` calls the backbone with training=False).
     """
     import tensorflow as tf
 
-    t0 = time.perf_counter()
-    x, y = train
-    n = len(x)
-    loss_fn = make_loss(n_classes)
-    variables = model.trainable_variables
-    if jit is None:
-        jit = sum(int(np.prod(v.shape)) for v in variables) >= JIT_MIN_PARAMS
-    optimizer.build(variables)
     x_t, y_t = tf.constant(x), tf.constant(targets(y, n_classes))
-    steps = max(1, -(-n // batch_size))
-
-    correct = count_correct(n_classes == 2)
-
-    @tf.function(jit_compile=jit, reduce_retracing=True)
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            p = model(xb, training=True)
-            loss = loss_fn(yb, p)
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss, correct(yb, p)
-
-    @tf.function
-    def epoch(perm):
-        total, right = tf.constant(0.0), tf.constant(0.0)
-        for s in tf.range(steps):
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            loss, c = step(tf.gather(x_t, idx), tf.gather(y_t, idx))
-            total += loss * tf.cast(tf.shape(idx)[0], tf.float32)
-            right += c
-        return total / n, right / n
-
-    evaluate = make_evaluator_for(model, val, n_classes) if val is not None else None
-    rng = np.random.default_rng(seed)
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
-    if evaluate:
-        history.update(val_loss=[], val_accuracy=[])
-    epoch_seconds: list[float] = []
-    best_epoch, best_value, best_weights = None, None, None
-    for e in range(epochs):
-        te = time.perf_counter()
-        loss, acc = epoch(tf.constant(rng.permutation(n)))
-        logs = {"loss": float(loss), "accuracy": float(acc)}
-        if evaluate:
-            logs.update(evaluate())
-        epoch_seconds.append(time.perf_counter() - te)
-        for k, v in logs.items():
-            history[k].append(v)
-        if monitor and monitor in logs:
-            value = logs[monitor]
-            better = best_value is None or (value < best_value if monitor.endswith("loss") else value > best_value)
-            if better:  # strictly better, as Keras' EarlyStopping: ties keep the earlier epoch
-                best_epoch, best_value = e, value
-                if restore_best:
-                    best_weights = [w.numpy() for w in model.weights]
-        if on_epoch:
-            on_epoch(e, logs)
-    if restore_best and best_weights is not None:
-        model.set_weights(best_weights)
-    return FitResult(history, epoch_seconds, time.perf_counter() - t0, n, monitor, best_epoch, jit)
+    groups: dict[int, list[int]] = {}
+    for k, f in enumerate(folds):
+        groups.setdefault(max(1, -(-len(f.train) // batch_size)), []).append(k)
+    results: list[FitResult | None] = [None] * len(models)
+    for steps, members in groups.items():
+        group = _fit_group(
+            [models[k] for k in members],
+            x_t,
+            y_t,
+            [folds[k] for k in members],
+            [seed + k for k in members],
+            n_classes,
+            epochs,
+            batch_size,
+            steps,
+            optimizer(),
+            monitor,
+            restore_best,
+            jit,
+            on_epoch if len(groups) == 1 else None,
+        )
+        for k, r in zip(members, group):
+            results[k] = r
+    return results
 
 
-def count_correct(binary: bool):
-    """Right predictions in a batch: threshold 0.5 on a sigmoid column, argmax on softmax rows."""
+def _fit_group(
+    models,
+    x_t,
+    y_t,
+    folds,
+    seeds,
+    n_classes,
+    epochs,
+    batch_size,
+    steps,
+    optimizer,
+    monitor,
+    restore_best,
+    jit,
+    on_epoch,
+) -> list[FitResult]:
     import tensorflow as tf
 
-    def correct(yb, p):
-        if binary:
-            return tf.reduce_sum(tf.cast(tf.equal(tf.cast(p > 0.5, yb.dtype), yb), tf.float32))
-        return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(p, axis=-1), yb), tf.float32))
+    t0 = time.perf_counter()
+    loss_fn, correct = make_loss(n_classes), count_correct(n_classes == 2)
+    variables = [v for m in models for v in m.trainable_variables]
+    if jit is None:
+        jit = max(sum(int(np.prod(v.shape)) for v in m.trainable_variables) for m in models) >= JIT_MIN_PARAMS
+    optimizer.build(variables)
+    sizes = tf.constant([float(len(f.train)) for f in folds])
 
-    return correct
+    @tf.function(jit_compile=jit, reduce_retracing=True)
+    def step(batches):
+        with tf.GradientTape() as tape:
+            outs = [(m(xb, training=True), yb) for m, (xb, yb) in zip(models, batches)]
+            losses = [loss_fn(yb, p) for p, yb in outs]
+            total = tf.add_n(losses)
+        optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        return tf.stack(losses), tf.stack([correct(yb, p) for p, yb in outs])
+
+    # The data are arguments, not captured: a function that captures a tensor keeps it alive as long as TensorFlow
+    # keeps the function's graph, and that measured ~100 MB per trial that never came back.
+    @tf.function
+    def epoch(x_t, y_t, perms):
+        total, right = tf.zeros(len(models)), tf.zeros(len(models))
+        for s in tf.range(steps):
+            idx = [p[s * batch_size : (s + 1) * batch_size] for p in perms]
+            losses, c = step(tuple((tf.gather(x_t, i), tf.gather(y_t, i)) for i in idx))
+            total += losses * tf.cast(tf.stack([tf.shape(i)[0] for i in idx]), tf.float32)
+            right += c
+        return total / sizes, right / sizes
+
+    evaluators = [
+        make_evaluator(m, x_t, y_t, f.val, n_classes) if f.val is not None else None for m, f in zip(models, folds)
+    ]
+    rngs = [np.random.default_rng(s) for s in seeds]
+    histories = [{"loss": [], "accuracy": []} for _ in models]
+    epoch_seconds: list[float] = []
+    best = [(None, None, None)] * len(models)  # (epoch, value, weights) per model
+    for e in range(epochs):
+        te = time.perf_counter()
+        perms = tuple(tf.constant(f.train[rng.permutation(len(f.train))]) for f, rng in zip(folds, rngs))
+        loss, acc = (t.numpy() for t in epoch(x_t, y_t, perms))
+        logs = [
+            {"loss": float(loss[k]), "accuracy": float(acc[k]), **(ev() if ev else {})}
+            for k, ev in enumerate(evaluators)
+        ]
+        epoch_seconds.append(time.perf_counter() - te)
+        for k, lg in enumerate(logs):
+            for name, v in lg.items():
+                histories[k].setdefault(name, []).append(v)
+            if monitor and monitor in lg:
+                b_epoch, b_value, b_weights = best[k]
+                v = lg[monitor]
+                if b_value is None or (v < b_value if monitor.endswith("loss") else v > b_value):
+                    # Strictly better, as Keras' EarlyStopping: ties keep the earlier epoch.
+                    best[k] = (e, v, [w.numpy() for w in models[k].weights] if restore_best else None)
+        if on_epoch:
+            on_epoch(e, logs[0] if len(logs) == 1 else mean_logs(logs))
+    seconds = time.perf_counter() - t0
+    for m, (_, _, weights) in zip(models, best):
+        if restore_best and weights is not None:
+            m.set_weights(weights)
+    return [
+        FitResult(h, list(epoch_seconds), seconds, len(f.train), monitor, b[0], jit)
+        for h, f, b in zip(histories, folds, best)
+    ]
 
 
-def make_evaluator_for(model: keras.Model, val: tuple[np.ndarray, np.ndarray], n_classes: int):
-    """A validation pass (val_loss, val_accuracy) of a model outside a fit, or None when the split is empty."""
-    if not len(val[0]):
+def mean_logs(logs: list[dict]) -> dict:
+    return {k: float(np.mean([lg[k] for lg in logs])) for k in logs[0]}
+
+
+def make_evaluator(model: keras.Model, x_t, y_t, idx: np.ndarray, n_classes: int, batch_size: int = 256):
+    """A compiled validation pass over the images `idx` of (x_t, y_t): mean loss and accuracy in inference mode,
+    or None when there are none."""
+    import tensorflow as tf
+
+    if idx is None or not len(idx):
         return None
-    return make_evaluator(model, make_loss(n_classes), count_correct(n_classes == 2), val, n_classes)
+    loss_fn, correct = make_loss(n_classes), count_correct(n_classes == 2)
+    batches = [tf.constant(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)]
+
+    @tf.function(reduce_retracing=True)
+    def batch(x_t, y_t, i):
+        xb, yb = tf.gather(x_t, i), tf.gather(y_t, i)
+        p = model(xb, training=False)
+        return loss_fn(yb, p) * tf.cast(tf.shape(i)[0], tf.float32), correct(yb, p)
+
+    def evaluate() -> dict:
+        total = right = 0.0
+        for i in batches:
+            loss, c = batch(x_t, y_t, i)
+            total, right = total + float(loss), right + float(c)
+        return {"val_loss": total / len(idx), "val_accuracy": right / len(idx)}
+
+    return evaluate
 
 
 def fit_on(
     prep,
-    model: keras.Model,
+    models: list[keras.Model],
     pooling: str,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
+    folds: list[Fold],
     epochs: int,
     batch_size: int,
-    optimizer: keras.optimizers.Optimizer,
+    optimizer: Callable[[], keras.optimizers.Optimizer],
     seed: int,
     monitor: str | None = None,
     restore_best: bool = False,
     on_epoch=None,
-) -> FitResult:
-    """`fit_model` on some images of a prepared model: its cached features (pooled for `avg`) or its images."""
-    return fit_model(
-        model,
-        prep.take(train_idx, pooling),
-        prep.take(val_idx, pooling),
+) -> list[FitResult]:
+    """`fit_models` on a prepared model's images: its cached features (pooled for `avg`) or the images themselves
+    (no XLA there: compiling a whole backbone costs more than a few epochs on a CPU gain)."""
+    x, y = prep.take(np.arange(len(prep.task.y)), pooling)
+    return fit_models(
+        models,
+        x,
+        y,
+        folds,
         prep.n_classes,
         epochs,
         batch_size,
@@ -206,48 +328,32 @@ def fit_on(
         seed,
         monitor=monitor,
         restore_best=restore_best,
+        jit=None if prep.on_features else False,
         on_epoch=on_epoch,
     )
 
 
-def make_evaluator(
-    model: keras.Model, loss_fn, correct, val: tuple[np.ndarray, np.ndarray], n_classes: int, batch_size: int = 256
-):
-    """A compiled validation pass: mean loss and accuracy over the whole split in inference mode."""
+def evaluate_on(prep, model: keras.Model, pooling: str, idx: np.ndarray) -> dict:
+    """val_loss and val_accuracy of a model on some of a prepared model's images, outside a fit."""
     import tensorflow as tf
 
-    xv, yv = val
-    batches = [
-        (tf.constant(xv[i : i + batch_size]), tf.constant(targets(yv[i : i + batch_size], n_classes)))
-        for i in range(0, len(xv), batch_size)
-    ]
-
-    @tf.function(reduce_retracing=True)
-    def batch(xb, yb):
-        p = model(xb, training=False)
-        return loss_fn(yb, p) * tf.cast(tf.shape(xb)[0], tf.float32), correct(yb, p)
-
-    def evaluate() -> dict:
-        total = right = 0.0
-        for xb, yb in batches:
-            loss, c = batch(xb, yb)
-            total, right = total + float(loss), right + float(c)
-        return {"val_loss": total / len(xv), "val_accuracy": right / len(xv)}
-
-    return evaluate
-
-
-_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    x, y = prep.take(idx, pooling)
+    ev = make_evaluator(
+        model, tf.constant(x), tf.constant(targets(y, prep.n_classes)), np.arange(len(idx)), prep.n_classes
+    )
+    return ev() if ev else {}
 
 
 def predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Inference-mode outputs in batches through one compiled function per model (`model.predict` re-plans every
-    call, and a new tf.function per call would retrace every time)."""
+    call, and a new tf.function per call would retrace every time). The function lives on the model, so both go
+    away together (a cache keyed by model would keep every model alive through the function's closure)."""
     import tensorflow as tf
 
     if not len(x):
         return np.zeros((0,) + tuple(model.output.shape[1:]), np.float32)
-    if model not in _FORWARD:
-        _FORWARD[model] = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
-    forward = _FORWARD[model]
+    forward = getattr(model, "_harness_forward", None)
+    if forward is None:
+        forward = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+        model._harness_forward = forward
     return np.concatenate([forward(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)])

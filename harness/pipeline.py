@@ -23,7 +23,7 @@ def compare_study(study_or_recipe: str, out: Path | None = None) -> Path:
 
 def run_study(recipe: Recipe, out: Path | None = None) -> Path:
     from harness.report import compare
-    from harness.search import tune
+    from harness.study import tune
 
     tune(recipe)
     return compare(recipe.study, out, expected=[m.key for m in recipe.models])

@@ -30,6 +30,7 @@ class Prepared:
     weights: WeightsInfo
     feats: np.ndarray | None  # cached backbone feature maps (frozen backbone) or None (images go through)
     info: dict  # feature_cache (hit | miss | bypassed (why)), timings
+    test_reads: int = 0  # how often the test split was read (once per final model, by `read_test`)
 
     @property
     def image_size(self) -> int:
@@ -58,15 +59,25 @@ class Prepared:
         source = self.pooled if pooling == "avg" else self.feats
         return source[idx], self.task.y[idx]
 
+    def read_test(self) -> np.ndarray:
+        """The test split's indices, for the one evaluation of a final model; every read is counted (and logged)."""
+        self.test_reads += 1
+        return self.task.splits["test"]
+
     def inputs(self, split: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
         return self.take(self.task.splits[split], pooling)
 
-    def build(self, head_cfg: HeadConfig) -> tuple[keras.Model, keras.Model]:
-        """(model to fit, head): the head alone on cached features, or backbone + head on images."""
+    def build(self, head_cfg: HeadConfig, name: str | None = None) -> tuple[keras.Model, keras.Model]:
+        """(model to fit, head): the head alone on cached features, or backbone + head on images (named `name`)."""
         head = build_head(
-            self.head_input_shape(head_cfg.pooling), self.n_classes, head_cfg.units, head_cfg.dropout, head_cfg.pooling
+            self.head_input_shape(head_cfg.pooling),
+            self.n_classes,
+            head_cfg.units,
+            head_cfg.dropout,
+            head_cfg.pooling,
+            name=f"{name}_head" if name else "head",
         )
-        return (head if self.on_features else full_model(self, head)), head
+        return (head if self.on_features else full_model(self, head, name)), head
 
 
 def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> Prepared:
@@ -84,7 +95,7 @@ def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> 
     return Prepared(recipe, mcfg, task, backbone, winfo, feats, info)
 
 
-def full_model(prep: Prepared, head: keras.Model) -> keras.Model:
+def full_model(prep: Prepared, head: keras.Model, name: str | None = None) -> keras.Model:
     """Raw images -> preprocessing -> backbone -> (pooling) -> head: the model that is fitted on images, and logged."""
     return assemble(
         prep.backbone,
@@ -93,6 +104,7 @@ def full_model(prep: Prepared, head: keras.Model) -> keras.Model:
         prep.image_size,
         trainable_backbone=prep.mcfg.trainable,
         augment=prep.recipe.training_for(prep.mcfg).augment,
+        name=name,
     )
 
 

@@ -79,7 +79,9 @@ class HeadConfig(Strict):
 
 class TrainingConfig(Strict):
     epochs: int = Field(10, ge=1, le=1000)
-    augment: bool = False  # random flips/rotations/zoom while training; images then go through the backbone
+    # Augmentation strength while training, 0 = off: 1 = rotation up to 10 degrees, zoom and shift up to 10% and 5%,
+    # contrast up to 20% (no flips: a chest X-ray has a side). On, images go through the backbone every epoch.
+    augment: float = Field(0.0, ge=0, le=1)
     batch_size: int = Field(16, ge=1, le=4096)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"  # Keras' defaults but the learning rate
     learning_rate: float = Field(1e-4, gt=0, lt=1)
@@ -109,6 +111,33 @@ class IntRange(Strict):
         return self
 
 
+class FinetuneSearch(Strict):
+    """Second search stage, from the best head: how many of the backbone's top blocks to unfreeze (0 = frozen), at
+    which learning rate, with how much augmentation. BatchNorm stays frozen and in inference mode. Same objective
+    and folds as the head search; ends after `max_trials` or when `time_budget_minutes` is spent."""
+
+    blocks: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    learning_rate: list[float] = Field(default_factory=lambda: [1e-5, 1e-4])
+    augment: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    epochs: int = Field(5, ge=1, le=1000)
+    max_trials: int = Field(6, ge=1, le=1000)
+    time_budget_minutes: float = Field(15.0, gt=0)
+
+    @field_validator("blocks")
+    @classmethod
+    def _non_negative(cls, v):
+        if not v or any(b < 0 for b in v):
+            raise ValueError("blocks: one or more counts of top blocks, 0 or more")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _strengths(cls, v):
+        if not v or any(not 0 <= a <= 1 for a in v):
+            raise ValueError("augment: one or more strengths between 0 and 1")
+        return v
+
+
 class SearchConfig(Strict):
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     max_trials: int = Field(10, ge=1, le=10000)
@@ -121,14 +150,31 @@ class SearchConfig(Strict):
     seed: int = 42
     max_consecutive_failures: int = Field(3, ge=1)
     hyperband_factor: int = Field(3, ge=2)
+    # Objective of a trial: 1 = the loss (or accuracy) on the validation split; K > 1 = the mean over K stratified,
+    # patient-grouped folds of train+validation, every trial training K heads.
+    cv_folds: int = Field(1, ge=1, le=20)
+    # With cv_folds > 1, the final model: `ensemble` = the K fold heads averaged (every labelled image used, the
+    # out-of-fold predictions kept as the validation record), `refit` = one head on all of train+validation for the
+    # epoch count the folds chose.
+    final: Literal["ensemble", "refit"] = "ensemble"
+    # K >= 2: the whole head search is repeated in an outer K-fold loop over train+validation, and the outer folds'
+    # accuracy estimates how good this procedure is (the test split is not used). 0 = off.
+    nested_cv: int = Field(0, ge=0, le=20)
+    finetune: FinetuneSearch | None = None
+
+    @field_validator("nested_cv")
+    @classmethod
+    def _outer_folds(cls, v):
+        if v == 1:
+            raise ValueError("nested_cv needs at least 2 outer folds (0 = off)")
+        return v
 
 
-class FinetuneConfig(Strict):
-    """Second stage after the head: unfreeze the top layers, lower learning rate, BatchNorm kept in inference mode."""
-
-    unfreeze_layers: int = Field(20, ge=1)
-    learning_rate: float = Field(1e-5, gt=0, lt=1)
-    epochs: int = Field(3, ge=1, le=1000)
+class EvaluationConfig(Strict):
+    # Test-time augmentation: the final model's predictions also averaged over this many augmented copies of each
+    # validation and test image (strength `tta_strength`, no flips), logged as their own metric set. 0 = off.
+    tta: int = Field(0, ge=0, le=64)
+    tta_strength: float = Field(0.5, gt=0, le=1)
 
 
 class ModelConfig(Strict):
@@ -143,7 +189,7 @@ class ModelConfig(Strict):
     name: str | None = None
     head: HeadConfig | None = None
     training: TrainingConfig | None = None
-    finetune: FinetuneConfig | None = None
+    finetune: FinetuneSearch | None = None  # this model's fine-tuning stage (default: the recipe's search.finetune)
 
     @property
     def key(self) -> str:
@@ -158,6 +204,7 @@ class Recipe(Strict):
     head: HeadConfig = HeadConfig()
     training: TrainingConfig = TrainingConfig()
     search: SearchConfig = SearchConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     # Where Keras application weights are fetched from when absent: a base URL (http(s):// or file://) laid out like
     # Keras' own (<base>/vgg19/<file>); default $HARNESS_WEIGHTS_MIRROR, else Keras' URL.
     weights_mirror: str | None = None
@@ -171,6 +218,12 @@ class Recipe(Strict):
         keys = [m.key for m in self.models]
         if len(keys) != len(set(keys)):
             raise ValueError("models: two models share a name; give one a distinct 'name'")
+        s = self.search
+        if s.cv_folds > 1 and s.final == "refit" and (s.finetune or any(m.finetune for m in self.models)):
+            raise ValueError(
+                "search.finetune needs final: ensemble (or cv_folds: 1): a refit on all of "
+                "train+validation leaves no fold to choose the fine-tuning on"
+            )
         return self
 
     def model(self, key: str | None = None) -> ModelConfig:
@@ -183,6 +236,9 @@ class Recipe(Strict):
 
     def head_for(self, m: ModelConfig) -> HeadConfig:
         return m.head or self.head
+
+    def finetune_for(self, m: ModelConfig) -> FinetuneSearch | None:
+        return m.finetune or self.search.finetune
 
     def image_size_for(self, m: ModelConfig) -> int:
         return m.image_size or self.data.image_size or NATIVE_SIZE[m.backbone]

@@ -1,28 +1,31 @@
-"""Search stage: one Keras Tuner search per recipe model (task x backbone), on cached features when the backbone is
-frozen. The search is an MLflow parent run, each trial a nested child run; afterwards the best hyperparameters are
-refit, evaluated once on the test split, logged once and registered as `<study>-<task>-<backbone>`.
+"""Search stage: the Keras Tuner machinery of a head search (and, through its hypermodel, of the fine-tuning stage).
 
-Only public Keras Tuner hooks are used: `HyperModel.build` and `Tuner.run_trial` (wrapped, not replaced).
+A trial trains one head on the train split and is scored on the validation split, or, with `search.cv_folds: K`,
+trains K heads on K stratified, patient-grouped folds of train+validation at once and is scored by the fold-mean
+validation curve at its best epoch (the epoch the folds agree on). Each trial is a nested MLflow run with its
+per-fold values. `harness.study` chains the stages of a model: search, fine-tuning, final model, floor, nested.
+
+Only public Keras Tuner hooks are used: `HyperModel.build` and `Tuner.run_trial` / `on_trial_end`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import keras
 import keras_tuner as kt
 import mlflow
+import numpy as np
 
 from harness import tracking
+from harness.data.splits import cv_folds
 from harness.errors import HarnessError
-from harness.finalize import fit_and_finish, registered_name
-from harness.fit import fit_on, make_optimizer
-from harness.paths import get_paths
-from harness.prepared import Prepared, prepare, refresh_backbone
-from harness.recipe import FloatRange, HeadConfig, ModelConfig, Recipe, SearchConfig
+from harness.fit import FitResult, Fold, fit_on, optimizer_factory
+from harness.prepared import Prepared, refresh_backbone
+from harness.recipe import FloatRange, HeadConfig, SearchConfig
 
 log = logging.getLogger(__name__)
 TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
@@ -47,9 +50,59 @@ def head_from_values(values: dict, space: SearchConfig) -> tuple[HeadConfig, flo
     return head, float(values["learning_rate"])
 
 
+def search_folds(prep: Prepared, k: int, seed: int, pool: np.ndarray | None = None) -> list[Fold]:
+    """The folds every trial of a search trains and validates on: the train/val split (k = 1), or k stratified,
+    patient-grouped folds of `pool` (default train+validation)."""
+    t = prep.task
+    if k == 1 and pool is None:
+        return [Fold(t.splits["train"], t.splits["val"])]
+    if k == 1:  # a nested search's single split: validation carved from its own pool, as the recipe's fractions
+        from harness.data.splits import carve
+
+        train, val = carve(pool, t.y, t.groups, prep.recipe.data.val_fraction, seed)
+        return [Fold(train, val)]
+    try:
+        return [Fold(tr, va) for tr, va in cv_folds(pool if pool is not None else t.pool(), t.y, t.groups, k, seed)]
+    except ValueError as e:
+        raise HarnessError(f"{prep.mcfg.key}: search.cv_folds {k}: {e}") from None
+
+
+@dataclass
+class FoldObjective:
+    """A trial's score over its folds: the fold-mean validation curve at its best epoch."""
+
+    value: float
+    epoch: int
+    per_fold: list[float]
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.per_fold))
+
+
+def fold_objective(results: list[FitResult], objective: str) -> FoldObjective:
+    """For one fold this is the best epoch's value (as Keras' EarlyStopping would pick); for K folds the epoch where
+    the mean curve is best, so the K heads are judged, and later trained, at one common epoch count."""
+    curves = np.array([r.history[objective] for r in results])
+    mean = curves.mean(axis=0)
+    e = int(np.argmin(mean) if objective.endswith("loss") else np.argmax(mean))
+    return FoldObjective(float(mean[e]), e, [float(v) for v in curves[:, e]])
+
+
+def mean_result(results: list[FitResult]) -> FitResult:
+    """The folds' histories averaged epoch by epoch, for one metric history per trial in MLflow."""
+    r0 = results[0]
+    history = {k: list(np.mean([r.history[k] for r in results], axis=0)) for k in r0.history}
+    return FitResult(
+        history, r0.epoch_seconds, r0.seconds, sum(r.n_train for r in results), r0.monitor, r0.best_epoch, r0.jit
+    )
+
+
 class HeadHyperModel(kt.HyperModel):
     """Search space from the recipe. `units_i` lives in a conditional scope on depth, so it is absent (not logged)
     from trials whose head has fewer than i+1 layers."""
+
+    stage = "head"
 
     def __init__(self, prep: Prepared, space: SearchConfig):
         super().__init__()
@@ -82,75 +135,76 @@ class HeadHyperModel(kt.HyperModel):
 
     def build(self, hp):
         head, _ = head_from_values(self.declare(hp), self.space)
-        if not self.prep.on_features:  # trainable backbone: every trial starts from the same pretrained weights
+        if not self.prep.on_features:  # trainable backbone: every model starts from the same pretrained weights
             self.prep = refresh_backbone(self.prep)
         model, _ = self.prep.build(head)
         return model
 
+    def build_folds(self, hp, n: int) -> list[keras.Model]:
+        return [self.build(hp) for _ in range(n)]
+
+    def fit_folds(self, hp, models, folds, epochs, seed, monitor, restore_best) -> list[FitResult]:
+        tcfg = self.prep.recipe.training_for(self.prep.mcfg)
+        head_cfg, lr = head_from_values(clean_values(hp.values), self.space)
+        return fit_on(
+            self.prep,
+            models,
+            head_cfg.pooling,
+            folds,
+            epochs,
+            tcfg.batch_size,
+            optimizer_factory(tcfg.optimizer, lr),
+            seed,
+            monitor=monitor,
+            restore_best=restore_best,
+        )
+
 
 def _tracked(base: type) -> type:
     class Tracked(base):
-        """Runs each trial itself (the documented `run_trial` hook): builds the head, trains it with the harness's
-        compiled loop, records it as one nested MLflow run written in one batch, and returns the objective.
+        """Runs each trial itself (the documented `run_trial` hook): builds a model per fold, trains them together
+        with the harness's compiled loop, scores the fold-mean curve, records the trial as one nested MLflow run
+        written in one batch, and returns the objective.
 
         No per-epoch checkpoint files: only Hyperband reads a trial's weights back (to continue it in a later
-        bracket), so only Hyperband trials save theirs, once, at their best epoch."""
+        bracket), so only Hyperband trials save theirs, once per fold, at their best epoch."""
 
-        def __init__(self, *args, prep: Prepared, parent_run_id: str, trial_seed: int, **kwargs):
+        def __init__(
+            self,
+            *args,
+            folds: list[Fold],
+            parent_run_id: str | None,
+            trial_seed: int,
+            deadline: float | None = None,
+            **kwargs,
+        ):
             super().__init__(*args, **kwargs)
-            self.prep, self.parent_run_id, self.trial_seed = prep, parent_run_id, trial_seed
-            self.recorded = trial_runs(parent_run_id)  # trials with a run already (a resumed search)
+            self.folds, self.parent_run_id, self.trial_seed, self.deadline = folds, parent_run_id, trial_seed, deadline
+            stage = self.hypermodel.stage
+            # Trials with a run already (a resumed search); None: an untracked search (the nested estimate's).
+            self.recorded = trial_runs(parent_run_id, stage) if parent_run_id else None
 
-        def checkpoint(self, trial_id: str) -> str:
-            return os.path.join(self.get_trial_dir(trial_id), "head.weights.h5")
+        def checkpoint(self, trial_id: str, k: int) -> str:
+            return os.path.join(self.get_trial_dir(trial_id), f"fold{k}.weights.h5")
 
         def run_trial(self, trial, *args, **kwargs):
-            t0 = time.perf_counter()
-            hp, objective = trial.hyperparameters, self.oracle.objective.name
-            recipe, mcfg = self.prep.recipe, self.prep.mcfg
-            tcfg = recipe.training_for(mcfg)
-            keras.backend.clear_session()
-            keras.utils.set_random_seed(self.trial_seed + int(trial.trial_id))
-            values = clean_values(hp.values)
-            head_cfg, lr = head_from_values(values, self.hypermodel.space)
-            tags = {
-                "harness.kind": "trial",
-                "trial_id": trial.trial_id,
-                "mlflow.parentRunId": self.parent_run_id,
-                **{k: str(v) for k, v in hp.values.items() if k.startswith("tuner/")},
-            }
             try:
+                if self.recorded is None:
+                    return self._run(trial, None)
+                tags = {
+                    "harness.kind": "trial",
+                    "trial_id": trial.trial_id,
+                    "stage": self.hypermodel.stage,
+                    "mlflow.parentRunId": self.parent_run_id,
+                    **{k: str(v) for k, v in trial.hyperparameters.values.items() if k.startswith("tuner/")},
+                }
                 with tracking.run(
-                    f"trial {trial.trial_id}", nested=True, run_id=self.recorded.get(trial.trial_id), tags=tags
+                    f"{self.hypermodel.stage} trial {trial.trial_id}",
+                    nested=True,
+                    run_id=self.recorded.get(trial.trial_id),
+                    tags=tags,
                 ) as active:
-                    model = self.hypermodel.build(hp)
-                    initial = int(hp.values.get("tuner/initial_epoch", 0))
-                    epochs = int(hp.values.get("tuner/epochs", tcfg.epochs))
-                    if "tuner/trial_id" in hp.values:
-                        model.load_weights(self.checkpoint(hp.values["tuner/trial_id"]))
-                    splits = self.prep.task.splits
-                    result = fit_on(
-                        self.prep,
-                        model,
-                        head_cfg.pooling,
-                        splits["train"],
-                        splits["val"],
-                        epochs - initial,
-                        tcfg.batch_size,
-                        make_optimizer(tcfg.optimizer, lr),
-                        seed=self.trial_seed + int(trial.trial_id),
-                        monitor=objective,
-                        restore_best="tuner/epochs" in hp.values,
-                    )
-                    if "tuner/epochs" in hp.values:
-                        model.save_weights(self.checkpoint(trial.trial_id))
-                    best = result.best(objective)
-                    seconds = time.perf_counter() - t0
-                    mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
-                    tracking.log_fit(result, offset=initial, run_id=active.info.run_id)
-                    mlflow.log_metrics({"trial_seconds": seconds, f"best_{objective}": best})
-                    log.info("trial %s: %s %.4f in %.1f s  %s", trial.trial_id, objective, best, seconds, values)
-                    return {objective: best}
+                    return self._run(trial, active.info.run_id)
             except HarnessError as e:
                 # Bad input is not bad luck: retrying another trial would fail the same way, so the search stops.
                 raise kt.errors.FatalError(str(e)) from e
@@ -159,34 +213,97 @@ def _tracked(base: type) -> type:
                 # towards max_consecutive_failed_trials instead of retrying it forever.
                 raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
 
+        def _run(self, trial, run_id: str | None) -> dict:
+            t0 = time.perf_counter()
+            hp, objective = trial.hyperparameters, self.oracle.objective.name
+            seed = self.trial_seed + int(trial.trial_id)
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(seed)
+            values = clean_values(hp.values)
+            hyperband = "tuner/epochs" in hp.values
+            initial = int(hp.values.get("tuner/initial_epoch", 0))
+            epochs = int(hp.values.get("tuner/epochs", self.epochs))
+            models = self.hypermodel.build_folds(hp, len(self.folds))
+            if "tuner/trial_id" in hp.values:
+                for k, m in enumerate(models):
+                    m.load_weights(self.checkpoint(hp.values["tuner/trial_id"], k))
+            results = self.hypermodel.fit_folds(hp, models, self.folds, epochs - initial, seed, objective, hyperband)
+            if hyperband:
+                for k, m in enumerate(models):
+                    m.save_weights(self.checkpoint(trial.trial_id, k))
+            score = fold_objective(results, objective)
+            seconds = time.perf_counter() - t0
+            if run_id is not None:
+                train_s = results[0].seconds
+                mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
+                tracking.log_fit(mean_result(results), offset=initial, run_id=run_id)
+                mlflow.log_metrics(
+                    {
+                        "trial_seconds": seconds,
+                        f"best_{objective}": score.value,
+                        "best_epoch": initial + score.epoch,
+                        "images_per_s": sum(r.n_train for r in results) * (epochs - initial) / train_s,
+                        "folds": len(results),
+                        f"cv_std_{objective}": score.std,
+                        **{f"fold{k}.{objective}": v for k, v in enumerate(score.per_fold)},
+                    }
+                )
+            log.info(
+                "%s trial %s: %s %.4f%s in %.1f s  %s",
+                self.hypermodel.stage,
+                trial.trial_id,
+                objective,
+                score.value,
+                f" ± {score.std:.4f} over {len(results)} folds" if len(results) > 1 else "",
+                seconds,
+                values,
+            )
+            return {objective: score.value, "best_epoch": float(initial + score.epoch)}
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)
+            if self.deadline is not None and time.monotonic() > self.deadline:  # the stage's time budget is spent
+                self.oracle.max_trials = len(self.oracle.trials)
+                log.info("%s stage: time budget spent after %d trials", self.hypermodel.stage, len(self.oracle.trials))
+
     Tracked.__name__ = f"Tracked{base.__name__}"
     return Tracked
 
 
-def trial_runs(parent_run_id: str) -> dict[str, str]:
-    """trial_id -> child run id of the trials already recorded under a search run."""
+def trial_runs(parent_run_id: str, stage: str = "head") -> dict[str, str]:
+    """trial_id -> child run id of one stage's trials already recorded under a search run."""
     runs = tracking.client().search_runs(
         [mlflow.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`harness.kind` = 'trial'",
     )
-    return {r.data.tags["trial_id"]: r.info.run_id for r in runs}
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("stage", "head") == stage}
 
 
 def mark_orphans_killed(parent_run_id: str) -> int:
     """Child runs left RUNNING by a killed process (kill -9 leaves no chance to end them) become KILLED."""
     c, n = tracking.client(), 0
-    for run_id in trial_runs(parent_run_id).values():
-        if c.get_run(run_id).info.status == "RUNNING":
-            c.set_terminated(run_id, "KILLED")
+    exp = mlflow.get_run(parent_run_id).info.experiment_id
+    for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        if r.info.status == "RUNNING":
+            c.set_terminated(r.info.run_id, "KILLED")
             n += 1
     return n
 
 
 def make_tuner(
-    prep: Prepared, space: SearchConfig, project_dir, resume: bool, parent_run_id: str, epochs: int, max_trials: int
+    hypermodel,
+    space: SearchConfig,
+    project_dir,
+    resume: bool,
+    parent_run_id: str | None,
+    epochs: int,
+    max_trials: int,
+    folds: list[Fold],
+    deadline: float | None = None,
+    tuner: str | None = None,
 ):
-    """The recipe's Keras Tuner kind, wrapped by `_tracked`, its state in `project_dir` (resumable)."""
-    base = TUNERS[space.tuner]
+    """A Keras Tuner of the recipe's kind, wrapped by `_tracked`, its state in `project_dir` (resumable)."""
+    kind = tuner or space.tuner
     kwargs = dict(
         objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
         seed=space.seed,
@@ -195,159 +312,30 @@ def make_tuner(
         overwrite=not resume,
         max_consecutive_failed_trials=space.max_consecutive_failures,
     )
-    if space.tuner == "hyperband":
+    if kind == "hyperband":
         kwargs.update(max_epochs=epochs, factor=space.hyperband_factor)
     else:
         kwargs.update(max_trials=max_trials)
-    return _tracked(base)(
-        HeadHyperModel(prep, space), prep=prep, parent_run_id=parent_run_id, trial_seed=space.seed, **kwargs
+    t = _tracked(TUNERS[kind])(
+        hypermodel, folds=folds, parent_run_id=parent_run_id, trial_seed=space.seed, deadline=deadline, **kwargs
     )
+    t.epochs = epochs
+    return t
 
 
-def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: int | None = None) -> dict:
-    """Search, refit the best, evaluate once, log and register. Returns a summary of the search."""
-    space, tcfg = recipe.search, recipe.training_for(mcfg)
-    max_trials = max_trials or space.max_trials
-    tracking.setup(recipe.study)
-    prep = prepare(recipe, mcfg)
-    project_dir = get_paths().tuner_dir / recipe.study / mcfg.key
-    state_file = project_dir.parent / f"{mcfg.key}.parent.json"
-    parent_id = None
-    if resume and state_file.is_file():
-        parent_id = json.loads(state_file.read_text())["run_id"]
-        mark_orphans_killed(parent_id)
-    elif resume:
-        raise HarnessError(f"nothing to resume for {mcfg.key} in study '{recipe.study}' ({state_file} not found)")
-    tags = {
-        "harness.kind": "search",
-        **tracking.model_tags(recipe, mcfg),
-        "weights": mcfg.weights,
-        "tuner": space.tuner,
-    }
-    t0 = time.perf_counter()
-    log.info(
-        "Search %s: %s, up to %d trials, feature cache %s",
-        mcfg.key,
-        space.tuner,
-        max_trials,
-        prep.info["feature_cache"],
-    )
-    with tracking.run(f"search {mcfg.key}", run_id=parent_id, tags=None if parent_id else tags) as parent:
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"run_id": parent.info.run_id}))
-        if not parent_id:
-            tracking.log_context(prep)
-            mlflow.log_params(
-                {
-                    **tracking.model_params(prep, recipe.head_for(mcfg), tcfg),
-                    **tracking.flatten({"search": space.model_dump(mode="json")}),
-                    "search.max_trials_run": max_trials,
-                }
-            )
-        tuner = make_tuner(prep, space, project_dir, resume, parent.info.run_id, tcfg.epochs, max_trials)
-        try:
-            tuner.search(verbose=0)  # the tuner holds the prepared data; its trials read their splits from it
-        except kt.errors.FatalError as e:
-            if isinstance(e.__cause__, HarnessError):
-                raise e.__cause__ from None
-            raise
-        search_s = time.perf_counter() - t0
-        completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
-        if not completed:
-            raise HarnessError(f"{mcfg.key}: no trial completed; see the failed trial runs in MLflow for errors")
-        best = clean_values(tuner.get_best_hyperparameters(1)[0].values)
-        mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
-        mlflow.log_metrics(
-            {
-                "search_seconds": search_s,
-                "trials_completed": len(completed),
-                "trials_total": len(tuner.oracle.trials),
-                f"best.{space.objective}": float(tuner.oracle.get_best_trials(1)[0].score),
-            }
-        )
-        t1 = time.perf_counter()
-        final = refit(prep, best, parent.info.run_id)
-        t2 = time.perf_counter()
-        if prep.on_features:
-            from harness.baseline import baseline
-
-            final["baseline"] = baseline(prep, parent.info.run_id)
-        mlflow.log_metrics(
-            {
-                "refit_total_seconds": t2 - t1,
-                "baseline_seconds": time.perf_counter() - t2,
-                "prepare_seconds": prep.info["prepare_seconds"],
-            }
-        )
-    return {"model": mcfg.key, "parent_run_id": parent.info.run_id, "best": best, **final}
+def run_search(tuner) -> None:
+    try:
+        tuner.search(verbose=0)  # the tuner holds the prepared data; its trials read their folds from it
+    except kt.errors.FatalError as e:
+        if isinstance(e.__cause__, HarnessError):
+            raise e.__cause__ from None
+        raise
 
 
-def refit(prep: Prepared, best: dict, parent_run_id: str) -> dict:
-    """Retrain the best hyperparameters from scratch on the train split for the recipe's epochs, keep the weights of
-    the best validation epoch, then evaluate once on test. Validation stays held out: with a few dozen images it is
-    the only honest signal for picking the epoch, and the training curves it gives go into the report."""
-    recipe, mcfg = prep.recipe, prep.mcfg
-    space, tcfg = recipe.search, recipe.training_for(mcfg)
-    head_cfg, lr = head_from_values(best, space)
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(space.seed)
-    if not prep.on_features:
-        prep = refresh_backbone(prep)
-    register_as = registered_name(prep)
-    with tracking.run(
-        f"final {mcfg.key}",
-        nested=True,
-        tags={
-            "harness.kind": "final",
-            "mlflow.parentRunId": parent_run_id,
-            **tracking.model_tags(recipe, mcfg),
-            "registered_model": register_as,
-        },
-    ) as final:
-        tracking.log_context(prep)
-        mlflow.log_params(tracking.model_params(prep, head_cfg, tcfg))
-        mlflow.log_params({f"hp.{k}": v for k, v in best.items()})
-        results = fit_and_finish(
-            prep, head_cfg, lr, tcfg, seed=space.seed, restore_best=space.objective, register_as=register_as
-        )
-    return {
-        "final_run_id": final.info.run_id,
-        "registered_model": register_as,
-        "test": results.get("test", {}),
-        "val": results.get("val", {}),
-    }
-
-
-def tune(
-    recipe: Recipe, only: list[str] | None = None, resume: bool = False, max_trials: int | None = None
-) -> list[dict]:
-    """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`).
-
-    Every model's weights are resolved first (fetched when missing), so a missing file stops the study before an
-    hour of work, not after it; a model marked `required: false` is skipped instead, with its reason recorded on
-    the study's experiment for the report. Skipped models come back as {"model", "skipped"}."""
-    from harness.models.backbones import resolve_weights
-
-    models = [recipe.model(k) for k in only] if only else recipe.models
-    skipped: dict[str, str] = {}
-    for m in models:
-        try:
-            resolve_weights(m.backbone, m.weights, recipe.weights_mirror)
-        except HarnessError as e:
-            if m.required:
-                raise HarnessError(f"{m.key}: {e} (or skip it: --only another model)") from None
-            skipped[m.key] = str(e)
-            log.warning("skipping %s (required: false): %s", m.key, e)
-    exp_id = tracking.setup(recipe.study)
-    c = tracking.client()
-    for m in models:  # the report says why a model of the recipe has no result, or no longer says it
-        if m.key in skipped:
-            c.set_experiment_tag(exp_id, f"harness.skipped.{m.key}", skipped[m.key][:5000])
-        elif f"harness.skipped.{m.key}" in c.get_experiment(exp_id).tags:
-            c.delete_experiment_tag(exp_id, f"harness.skipped.{m.key}")
-    return [
-        {"model": m.key, "skipped": skipped[m.key]}
-        if m.key in skipped
-        else search_model(recipe, m, resume=resume, max_trials=max_trials)
-        for m in models
-    ]
+def best_of(tuner, key: str) -> tuple[dict, float, int]:
+    """(hyperparameters, objective, epoch count the folds chose) of a finished search's best trial."""
+    completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+    if not completed:
+        raise HarnessError(f"{key}: no trial completed; see the failed trial runs in MLflow for errors")
+    best = tuner.oracle.get_best_trials(1)[0]
+    return clean_values(best.hyperparameters.values), float(best.score), int(best.metrics.get_last_value("best_epoch"))

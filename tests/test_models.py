@@ -146,32 +146,29 @@ def test_converter_refuses_unknown_globals(tmp_path):
         load_state_dict(bad)
 
 
-def test_finetune_changes_only_the_intended_layers(tmp_path):
-    import mlflow
-
-    from harness import tracking
-    from harness.finetune import finetune
-    from harness.fit import fit_on, make_optimizer
+def test_finetuning_top_blocks_changes_exactly_their_weighted_non_batchnorm_layers(tmp_path):
+    from harness.finetune import FinetuneHyperModel, blocks_of
+    from harness.fit import Fold, fit_on, optimizer_factory
     from harness.prepared import prepare
-    from harness.recipe import FinetuneConfig, load_recipe
+    from harness.recipe import FinetuneSearch, load_recipe
 
     from conftest import write_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
-    tracking.setup(recipe.study)
     prep = prepare(recipe, recipe.models[0])
-    model, head = prep.build(recipe.head)
+    _, head = prep.build(recipe.head)
+    hm = FinetuneHyperModel(prep, FinetuneSearch(), recipe.training, [head])
+    model, _, backbone = hm.member({"ft_blocks": 2, "ft_learning_rate": 1e-3, "ft_augment": 0.5}, 0)
+    names = [[layer.name for layer in b] for b in blocks_of(backbone, "efficientnet_lite0")]
+    assert names[-1][0] == "head_conv" and names[-2][0] == "block15_expand_conv"  # the top blocks, in order
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers}
     splits = prep.task.splits
-    fit_on(prep, model, recipe.head.pooling, splits["train"], splits["val"], 1, 8, make_optimizer("adam", 1e-3), 0)
-    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in prep.backbone.layers}
-    with mlflow.start_run():
-        prep2, _ = finetune(
-            prep, head, FinetuneConfig(unfreeze_layers=3, learning_rate=1e-3, epochs=1), recipe.training, 0
-        )
-    assert prep2.feats is None
+    fit_on(hm.images, [model], "maps", [Fold(splits["train"], splits["val"])], 1, 8, optimizer_factory("adam", 1e-3), 0)
     changed = {
         n
         for n, ws in before.items()
-        if any(not np.array_equal(a, b) for a, b in zip(ws, prep.backbone.get_layer(n).get_weights()))
+        if any(not np.array_equal(a, b) for a, b in zip(ws, backbone.get_layer(n).get_weights()))
     }
-    assert changed == {"block15_project_conv", "head_conv", "block15_dwconv"}
+    assert changed == {"block15_expand_conv", "block15_dwconv", "block15_project_conv", "head_conv"}
+    frozen, _, frozen_backbone = hm.member({"ft_blocks": 0, "ft_learning_rate": 1e-3, "ft_augment": 0.0}, 0)
+    assert not frozen_backbone.trainable_weights and frozen.trainable_weights  # 0 blocks: only the head trains

@@ -85,7 +85,7 @@ def test_trial_images_per_s_counts_every_epoch(tmp_path, mlflow_client):
 
 @pytest.mark.slow
 def test_feature_cache_hit_across_searches_and_miss_on_change(tmp_path, mlflow_client):
-    from harness.search import tune
+    from harness.study import tune
 
     # Phantoms of their own (synthetic seed 77), so no other test has extracted these features before.
     settings = {"search.max_trials": 1, "training.epochs": 1, "data.synthetic.seed": 77}
@@ -101,6 +101,7 @@ def test_feature_cache_hit_across_searches_and_miss_on_change(tmp_path, mlflow_c
 @pytest.mark.slow
 def test_failing_trials_recorded_and_search_bounded(tmp_path, mlflow_client, monkeypatch):
     import harness.search as search
+    from harness import study
 
     def broken(*args, **kwargs):
         raise ValueError("bad head")
@@ -110,7 +111,7 @@ def test_failing_trials_recorded_and_search_bounded(tmp_path, mlflow_client, mon
         write_recipe(tmp_path / "r.yaml", **{"search.max_consecutive_failures": 2, "search.max_trials": 5})
     )
     with pytest.raises(RuntimeError, match="consecutive failures"):
-        search.tune(recipe)
+        study.tune(recipe)
     trials = _runs(mlflow_client, "tiny", "trial")
     assert len(trials) == 2 and all(t.info.status == "FAILED" for t in trials)
     assert all("bad head" in t.data.tags["error"] for t in trials)

@@ -34,6 +34,7 @@ class TaskData:
     sha1s: list[str]
     modes: list[str]  # original colour modes: a proxy for image source
     splits: dict[str, np.ndarray]
+    groups: np.ndarray  # patient / figure id per image (data.group_pattern), kept together by every split and fold
     test_source: str
     train_root: Path
     skipped: list[str] = field(default_factory=list)
@@ -45,6 +46,10 @@ class TaskData:
         for s, y in sorted(zip(self.sha1s, self.y.tolist())):
             h.update(f"{s}:{y};".encode())
         return h.hexdigest()[:16]
+
+    def pool(self) -> np.ndarray:
+        """Every labelled image that is not test: train + validation, what cross-validation folds are made of."""
+        return np.sort(np.concatenate([self.splits["train"], self.splits["val"]]))
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -124,6 +129,7 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None) 
         sha1s=sha1s,
         modes=[decoded[i].mode for i in keep],
         splits=splits,
+        groups=groups,
         test_source=test_source,
         train_root=train_root,
         skipped=problems,

@@ -54,3 +54,15 @@ def make_splits(
     val_of_pool = min(0.5, val_fraction / max(1e-9, 1.0 - (0 if test_indices is not None else test_fraction)))
     train, val = carve(pool, labels, groups, val_of_pool, seed + 1)
     return {"train": train, "val": val, "test": test}
+
+
+def cv_folds(
+    pool: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K (train, validation) folds of the images `pool` (indices), stratified by label and grouped by patient, so
+    one patient's images are all in the same fold. K is capped by the smallest class's count in the pool."""
+    k = min(k, int(np.bincount(labels[pool]).min()))
+    if k < 2:
+        raise ValueError("cross-validation needs at least two images of every class")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(pool[np.sort(tr)], pool[np.sort(va)]) for tr, va in sgkf.split(pool, labels[pool], groups[pool])]

@@ -17,7 +17,7 @@ from harness.models.layers import Preprocess
 def build_head(
     feature_shape: tuple, n_classes: int, units: list[int], dropout: float, pooling: str = "flatten", name: str = "head"
 ) -> keras.Model:
-    inputs = keras.Input(shape=feature_shape, name="features")
+    inputs = keras.Input(shape=feature_shape, name=f"{name}_features")  # unique inputs: heads can be ensembled
     if len(feature_shape) == 1:
         x = inputs
     elif pooling == "flatten":
@@ -35,10 +35,16 @@ def build_head(
     return keras.Model(inputs, out, name=name)
 
 
-def augmentation() -> keras.Sequential:
-    """Mild geometric augmentation, active only in training: X-rays keep their orientation roughly."""
+def augmentation(strength: float) -> keras.Sequential:
+    """Augmentation of strength s in (0, 1], active only in training: rotation up to 10s degrees, zoom up to 10s %,
+    shift up to 5s %, contrast up to 20s %. Never flips: left and right are not interchangeable on a chest X-ray."""
     return keras.Sequential(
-        [keras.layers.RandomRotation(0.05), keras.layers.RandomZoom(0.1), keras.layers.RandomTranslation(0.05, 0.05)],
+        [
+            keras.layers.RandomRotation(strength * 10 / 360),
+            keras.layers.RandomZoom(strength * 0.1),
+            keras.layers.RandomTranslation(strength * 0.05, strength * 0.05),
+            keras.layers.RandomContrast(strength * 0.2),
+        ],
         name="augment",
     )
 
@@ -49,19 +55,29 @@ def assemble(
     preprocess: str,
     image_size: int,
     trainable_backbone: bool,
-    augment: bool = False,
+    augment: float = 0.0,
+    name: str | None = None,
 ) -> keras.Model:
     """Raw 0-255 images -> (augmentation) -> preprocessing -> backbone -> head, one model logged and reloaded."""
     backbone.trainable = trainable_backbone
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = augmentation()(inputs) if augment else inputs
+    inputs = keras.Input(shape=(image_size, image_size, 3), name=f"{name}_image" if name else "image")
+    x = augmentation(augment)(inputs) if augment > 0 else inputs
     x = Preprocess(preprocess, name="preprocess")(x)
     # training=False keeps BatchNorm in inference mode, frozen or fine-tuned (Keras transfer-learning guide):
     # on a few hundred images, updating BatchNorm statistics wrecks the pretrained features.
     x = backbone(x, training=False)
     if len(head.input.shape) == 2 and len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, head(x), name=f"{backbone.name}_{head.name}")
+    return keras.Model(inputs, head(x), name=name or f"{backbone.name}_{head.name}")
+
+
+def average(models: list[keras.Model], name: str) -> keras.Model:
+    """One model whose output is the mean of the members' outputs (an ensemble); a single member is itself.
+    Members need distinct names, and so do their inputs: Keras refuses two operations of one name."""
+    if len(models) == 1:
+        return models[0]
+    inputs = keras.Input(shape=models[0].input.shape[1:], name=f"{name}_input")
+    return keras.Model(inputs, keras.layers.Average(name="average")([m(inputs) for m in models]), name=name)
 
 
 def penultimate(head: keras.Model) -> keras.Model:

@@ -1,0 +1,121 @@
+"""Nested cross-validation: how good is the procedure (head search + final model), as opposed to how good one model
+is on one test split. The search and the final fit are repeated in an outer K-fold loop over train+validation (the
+test split is never read); every image of train+validation is predicted once, by the model chosen without it. The
+floor is fitted on the same outer folds, so the two are paired on every one of those images.
+
+The fine-tuning stage is not repeated inside (its cost times K); the estimate is the head search's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import keras
+import mlflow
+import numpy as np
+
+from harness import tracking
+from harness.baseline import floor_model
+from harness.data.splits import cv_folds
+from harness.errors import HarnessError
+from harness.evaluate import mcnemar, metrics, prediction_rows
+from harness.finalize import fit_final, member_predict
+from harness.prepared import Prepared
+from harness.search import HeadHyperModel, best_of, head_from_values, make_tuner, run_search, search_folds
+
+log = logging.getLogger(__name__)
+
+
+def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_dir, resume: bool) -> dict:
+    recipe, mcfg, t = prep.recipe, prep.mcfg, prep.task
+    space, tcfg = recipe.search, recipe.training_for(mcfg)
+    mode = "single" if space.cv_folds == 1 else space.final
+    pool = t.pool()
+    try:
+        outer = cv_folds(pool, t.y, t.groups, k_outer, space.seed + 1)
+    except ValueError as e:
+        raise HarnessError(f"{mcfg.key}: search.nested_cv {k_outer}: {e}") from None
+    proba = np.zeros((len(t.y), prep.n_classes))
+    floor = np.zeros_like(proba)
+    with tracking.run(
+        f"nested-cv {mcfg.key}",
+        nested=True,
+        tags={"harness.kind": "nested", "mlflow.parentRunId": parent_run_id, **tracking.model_tags(recipe, mcfg)},
+    ):
+        mlflow.log_params(
+            {
+                "nested.outer_folds": len(outer),
+                "nested.inner": f"{space.cv_folds} fold(s), {space.max_trials} trials, final {mode}",
+            }
+        )
+        for o, (inner_pool, held) in enumerate(outer):
+            inner = search_folds(prep, space.cv_folds, space.seed + o, pool=inner_pool)
+            tuner = make_tuner(
+                HeadHyperModel(prep, space),
+                space,
+                project_dir.with_name(f"{project_dir.name}-nested{o}"),
+                resume,
+                None,
+                tcfg.epochs,
+                space.max_trials,
+                inner,
+            )
+            run_search(tuner)
+            best, score, epoch = best_of(tuner, mcfg.key)
+            head_cfg, lr = head_from_values(best, space)
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(space.seed)
+            final = fit_final(
+                prep,
+                head_cfg,
+                lr,
+                tcfg,
+                inner,
+                space.seed,
+                space.objective,
+                epochs=epoch + 1 if mode != "single" else None,
+                mode=mode,
+                refit_pool=inner_pool,
+            )
+            proba[held] = np.mean([member_predict(prep, final, k, held) for k in range(len(final.members))], axis=0)
+            lr_floor = floor_model().fit(prep.pooled[inner_pool], t.y[inner_pool])
+            floor[held] = lr_floor.predict_proba(prep.pooled[held])
+            acc = float((proba[held].argmax(1) == t.y[held]).mean())
+            mlflow.log_metrics(
+                {f"outer{o}.accuracy": acc, f"outer{o}.{space.objective}": score, f"outer{o}.n": len(held)}
+            )
+            log.info(
+                "nested %s: outer fold %d/%d accuracy %.3f (n=%d), inner best %s",
+                mcfg.key,
+                o + 1,
+                len(outer),
+                acc,
+                len(held),
+                best,
+            )
+        m = metrics(t.y[pool], proba[pool], t.classes, seed=recipe.data.seed)
+        fm = metrics(t.y[pool], floor[pool], t.classes, seed=recipe.data.seed)
+        paired = mcnemar(proba[pool].argmax(1) == t.y[pool], floor[pool].argmax(1) == t.y[pool])
+        mlflow.log_metrics(
+            {
+                **{f"nested.{k}": v for k, v in m.items() if np.isfinite(v)},
+                **{f"nested.floor.{k}": v for k, v in fm.items() if np.isfinite(v)},
+                "nested.vs_floor.p_value": paired["p_value"],
+                "nested.vs_floor.only_tuned": paired["a_only"],
+                "nested.vs_floor.only_floor": paired["b_only"],
+            }
+        )
+        rows = prediction_rows(t, pool, proba[pool], "nested") + prediction_rows(t, pool, floor[pool], "nested_floor")
+        mlflow.log_text(json.dumps(rows, indent=0), "nested_predictions.json")
+    log.info(
+        "nested %s: accuracy %.3f [%.3f, %.3f] over %d images (floor %.3f, McNemar p %.3f)",
+        mcfg.key,
+        m["accuracy"],
+        m["accuracy_cp_low"],
+        m["accuracy_cp_high"],
+        m["n"],
+        fm["accuracy"],
+        paired["p_value"],
+    )
+    return {**m, "floor_accuracy": fm["accuracy"], "p_vs_floor": paired["p_value"]}

@@ -1,0 +1,91 @@
+"""The harness's training loop: K fold models stepped together train as K separate fits would, its optimizers
+update exactly like Keras', and restoring the best epoch restores it. (That a finished fit gives its memory back is
+measured by bench/trial.py, not tested.)"""
+
+import keras
+import numpy as np
+import pytest
+
+from harness.fit import OPTIMIZERS, Fold, fit_models, optimizer_factory
+
+
+def _data(n=40, d=12, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype("float32"), rng.integers(0, classes, n)
+
+
+def _model(d=12, classes=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((d,))
+    return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(keras.layers.Dense(8)(inputs)))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizers_update_exactly_like_keras(name):
+    import tensorflow as tf
+
+    x, y = _data()
+    ours, ref = _model(), _model()
+    ref.set_weights(ours.get_weights())
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    opt_ours, opt_ref = (
+        OPTIMIZERS[name](learning_rate=0.01),
+        getattr(keras.optimizers, type(OPTIMIZERS[name]()).__name__)(learning_rate=0.01),
+    )
+    opt_ours.build(ours.trainable_variables)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            value = loss(yb, ours(xb))
+        opt_ours.apply_gradients(zip(tape.gradient(value, ours.trainable_variables), ours.trainable_variables))
+
+    for i in range(3):
+        step(x[i * 8 : i * 8 + 8], y[i * 8 : i * 8 + 8])
+        with tf.GradientTape() as tape:
+            value = loss(y[i * 8 : i * 8 + 8], ref(x[i * 8 : i * 8 + 8]))
+        opt_ref.apply_gradients(zip(tape.gradient(value, ref.trainable_variables), ref.trainable_variables))
+    for a, b in zip(ours.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_folds_stepped_together_train_as_separate_fits():
+    x, y = _data(n=60)
+    folds = [Fold(np.arange(0, 40), np.arange(40, 60)), Fold(np.arange(20, 60), np.arange(0, 20))]
+    together = [_model(seed=1), _model(seed=2)]
+    apart = [_model(seed=1), _model(seed=2)]
+    joint = fit_models(together, x, y, folds, 3, 4, 8, optimizer_factory("adam", 0.01), seed=5, monitor="val_loss")
+    alone = [
+        fit_models([m], x, y, [f], 3, 4, 8, optimizer_factory("adam", 0.01), seed=5 + k, monitor="val_loss")[0]
+        for k, (m, f) in enumerate(zip(apart, folds))
+    ]
+    for t, a in zip(together, apart):
+        for wt, wa in zip(t.get_weights(), a.get_weights()):
+            np.testing.assert_allclose(wt, wa, rtol=1e-5, atol=1e-6)
+    for j, a in zip(joint, alone):
+        np.testing.assert_allclose(j.history["val_loss"], a.history["val_loss"], rtol=1e-5)
+        assert j.best_epoch == a.best_epoch
+
+
+def test_restore_best_keeps_the_best_validation_epoch():
+    x, y = _data(n=60)
+    model = _model()
+    (r,) = fit_models(
+        [model],
+        x,
+        y,
+        [Fold(np.arange(40), np.arange(40, 60))],
+        3,
+        6,
+        8,
+        optimizer_factory("adam", 0.05),
+        seed=0,
+        monitor="val_loss",
+        restore_best=True,
+    )
+    best = int(np.argmin(r.history["val_loss"]))
+    assert r.best_epoch == best
+    from harness.fit import make_loss
+
+    p = model(x[40:60])
+    assert float(make_loss(3)(y[40:60], p)) == pytest.approx(r.history["val_loss"][best], rel=1e-5)

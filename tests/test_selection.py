@@ -1,0 +1,197 @@
+"""Selecting models that can be ranked: cross-validated trials, fold ensembles and refits, the nested estimate, the
+fine-tuning stage, test-time augmentation; the test split read once per final model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.data.splits import cv_folds, groups_from_names
+
+from conftest import write_recipe
+
+
+def _runs(client, kind, study="tiny"):
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`harness.kind` = '{kind}'")
+
+
+def _tune(path):
+    res = CliRunner().invoke(app, ["tune", str(path)])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_cv_folds_never_split_a_patient_and_cover_the_pool_once():
+    labels = np.repeat([0, 1, 2], 40)
+    names = [Path(f"c{y}/person{i // 4}_{y}_{i}.jpeg") for i, y in enumerate(labels)]
+    groups = groups_from_names(names, r"^(person\d+)")
+    pool = np.arange(10, 120)  # the first ten images play the test split: never in a fold
+    folds = cv_folds(pool, labels, groups, 5, seed=3)
+    assert len(folds) == 5
+    vals = np.concatenate([va for _, va in folds])
+    assert sorted(vals.tolist()) == pool.tolist()  # every pool image validated exactly once
+    for tr, va in folds:
+        assert not set(groups[tr]) & set(groups[va])  # no patient on both sides of a fold
+        assert set(tr) | set(va) == set(pool.tolist()) and set(labels[va]) == {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_cv_trial_objective_is_the_mean_of_its_fold_values_and_the_ensemble_reads_test_once(tmp_path, mlflow_client):
+    path = write_recipe(tmp_path / "r.yaml", **{"search.cv_folds": 3, "training.epochs": 3})
+    _tune(path)
+    trials = _runs(mlflow_client, "trial")
+    assert len(trials) == 2
+    for t in trials:
+        m = t.data.metrics
+        folds = [m[f"fold{k}.val_loss"] for k in range(3)]
+        assert m["folds"] == 3 and "fold3.val_loss" not in m
+        assert m["best_val_loss"] == pytest.approx(np.mean(folds), rel=1e-6)
+        assert m["cv_std_val_loss"] == pytest.approx(np.std(folds), rel=1e-6)
+        # the objective is the mean curve at its best epoch: the curve logged per epoch has that minimum there
+        curve = [
+            h.value for h in sorted(mlflow_client.get_metric_history(t.info.run_id, "val_loss"), key=lambda h: h.step)
+        ]
+        assert min(curve) == pytest.approx(m["best_val_loss"], rel=1e-6)
+        assert curve.index(min(curve)) == int(m["best_epoch"])
+    (final,) = _runs(mlflow_client, "final")
+    (parent,) = _runs(mlflow_client, "search")
+    fm = final.data.metrics
+    assert final.data.tags["final.mode"] == "ensemble" and final.data.tags["final.members"] == "3"
+    assert fm["test_reads"] == 1
+    # out-of-fold validation: every train+validation image predicted once, by the member that did not train on it
+    data = json.loads(Path(mlflow_client.download_artifacts(final.info.run_id, "data.json", str(tmp_path))).read_text())
+    pool_n = sum(data["counts"]["train"].values()) + sum(data["counts"]["val"].values())
+    assert fm["val.n"] == pool_n and fm["test.n"] == sum(data["counts"]["test"].values())
+    # the members trained for the epoch count the search chose
+    assert len(mlflow_client.get_metric_history(final.info.run_id, "loss")) == parent.data.metrics["best.epoch"] + 1
+    assert fm["search.val_loss"] == parent.data.metrics["best.val_loss"]
+
+
+@pytest.mark.slow
+def test_registered_ensemble_predicts_as_evaluated(tmp_path, mlflow_client):
+    import harness
+    from harness.data import prepare_task
+    from harness.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", **{"search.cv_folds": 3, "search.max_trials": 1, "training.epochs": 2})
+    _tune(path)
+    (final,) = _runs(mlflow_client, "final")
+    model = harness.load_model("models:/tiny-task2-efficientnet_lite0/1")
+    heads = model.get_layer("heads")  # one backbone, three fold heads averaged
+    assert [layer.name for layer in heads.layers if layer.name.endswith("_head")] == [
+        "member0_head",
+        "member1_head",
+        "member2_head",
+    ]
+    task = prepare_task(load_recipe(path), "task2")
+    idx = task.splits["test"]
+    proba = model.predict(task.x[idx].astype("float32"), verbose=0)
+    assert float((proba.argmax(1) == task.y[idx]).mean()) == pytest.approx(final.data.metrics["test.accuracy"])
+
+
+@pytest.mark.slow
+def test_refit_trains_on_all_of_train_and_validation_for_the_chosen_epochs(tmp_path, mlflow_client):
+    path = write_recipe(tmp_path / "r.yaml", **{"search.cv_folds": 3, "search.final": "refit", "training.epochs": 3})
+    _tune(path)
+    (final,) = _runs(mlflow_client, "final")
+    (parent,) = _runs(mlflow_client, "search")
+    assert final.data.tags["final.mode"] == "refit" and final.data.tags["final.members"] == "1"
+    assert "val.accuracy" not in final.data.metrics  # nothing was held out
+    assert final.data.metrics["test_reads"] == 1
+    assert len(mlflow_client.get_metric_history(final.info.run_id, "loss")) == parent.data.metrics["best.epoch"] + 1
+
+
+@pytest.mark.slow
+def test_cv_folds_1_keeps_the_single_split(tmp_path, mlflow_client):
+    path = write_recipe(tmp_path / "r.yaml", **{"search.cv_folds": 1})
+    _tune(path)
+    (final,) = _runs(mlflow_client, "final")
+    data = json.loads(Path(mlflow_client.download_artifacts(final.info.run_id, "data.json", str(tmp_path))).read_text())
+    assert final.data.tags["final.mode"] == "single" and final.data.tags["final.members"] == "1"
+    assert final.data.metrics["val.n"] == sum(data["counts"]["val"].values())  # the val split, as before
+    assert final.data.metrics["test_reads"] == 1 and "best_epoch" in final.data.metrics
+    assert all(t.data.metrics["folds"] == 1 for t in _runs(mlflow_client, "trial"))
+
+
+@pytest.mark.slow
+def test_nested_estimate_predicts_every_pool_image_once_without_the_test_split(tmp_path, mlflow_client):
+    path = write_recipe(tmp_path / "r.yaml", **{"search.cv_folds": 2, "search.nested_cv": 3, "training.epochs": 2})
+    _tune(path)
+    (nested,) = _runs(mlflow_client, "nested")
+    (final,) = _runs(mlflow_client, "final")
+    m = nested.data.metrics
+    rows = json.loads(
+        Path(mlflow_client.download_artifacts(nested.info.run_id, "nested_predictions.json", str(tmp_path))).read_text()
+    )
+    tuned = [r for r in rows if r["split"] == "nested"]
+    assert len(tuned) == m["nested.n"] == final.data.metrics["val.n"]  # the whole pool, out of fold
+    test_files = {
+        r["file"]
+        for r in json.loads(
+            Path(mlflow_client.download_artifacts(final.info.run_id, "predictions.json", str(tmp_path))).read_text()
+        )
+        if r["split"] == "test"
+    }
+    assert not test_files & {r["file"] for r in tuned}  # the test split is not part of the estimate
+    assert sum(m[f"outer{o}.n"] for o in range(3)) == m["nested.n"]
+    assert m["nested.accuracy_cp_low"] <= m["nested.accuracy"] <= m["nested.accuracy_cp_high"]
+    assert 0 <= m["nested.vs_floor.p_value"] <= 1 and "nested.floor.accuracy" in m
+    assert not [t for t in _runs(mlflow_client, "trial") if t.data.tags.get("stage") != "head"]  # inner: untracked
+
+
+@pytest.mark.slow
+def test_finetune_stage_searches_from_the_best_head_within_its_budget(tmp_path, mlflow_client):
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        **{
+            "search.cv_folds": 2,
+            "search.max_trials": 1,
+            "training.epochs": 2,
+            "search.finetune": {
+                "blocks": [0, 1],
+                "learning_rate": [1e-4],
+                "augment": [0.0, 0.5],
+                "epochs": 1,
+                "max_trials": 3,
+                "time_budget_minutes": 0.001,
+            },
+        },
+    )
+    _tune(path)
+    ft = [t for t in _runs(mlflow_client, "trial") if t.data.tags.get("stage") == "finetune"]
+    assert len(ft) == 1  # the budget ends the stage after its first trial
+    assert {"hp.ft_blocks", "hp.ft_learning_rate", "hp.ft_augment"} <= set(ft[0].data.params)
+    (parent,) = _runs(mlflow_client, "search")
+    (final,) = _runs(mlflow_client, "final")
+    pm = parent.data.metrics
+    chosen = parent.data.tags["finetune.chosen"] == "true"
+    assert chosen == (pm["finetune.best_val_loss"] < pm["finetune.start_val_loss"])
+    assert final.data.tags["final.stage"] == ("finetune" if chosen else "head")
+    assert final.data.metrics["test_reads"] == 1
+
+
+@pytest.mark.slow
+def test_test_time_augmentation_is_its_own_metric_set(tmp_path, mlflow_client):
+    path = write_recipe(tmp_path / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2, "evaluation.tta": 3})
+    _tune(path)
+    (final,) = _runs(mlflow_client, "final")
+    m = final.data.metrics
+    assert {"test.accuracy", "test_tta.accuracy", "val.accuracy", "val_tta.accuracy"} <= set(m)
+    assert m["test_tta.n"] == m["test.n"] and m["test_reads"] == 1
+
+
+def test_finetune_with_refit_is_refused_in_one_line(tmp_path):
+    path = write_recipe(
+        tmp_path / "r.yaml", **{"search.cv_folds": 2, "search.final": "refit", "search.finetune": {"max_trials": 1}}
+    )
+    res = CliRunner().invoke(app, ["tune", str(path)])
+    assert res.exit_code == 2 and "search.finetune needs final: ensemble" in res.output
+
+
+def test_nested_cv_of_one_fold_is_refused(tmp_path):
+    res = CliRunner().invoke(app, ["tune", str(write_recipe(tmp_path / "r.yaml", **{"search.nested_cv": 1}))])
+    assert res.exit_code == 2 and "search.nested_cv" in res.output and "at least 2" in res.output
