@@ -167,7 +167,8 @@ def finetune_stage(
         start,
     )
     run_search(tuner)
-    best, score, epoch = best_of(tuner, prep.mcfg.key)
+    found = best_of(tuner, prep.mcfg.key)
+    best, score, epoch = found.values, found.score, found.epoch
     better = score < start if objective.endswith("loss") else score > start
     mlflow.log_metrics(
         {

@@ -62,7 +62,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
                 inner,
             )
             run_search(tuner)
-            best, score, epoch = best_of(tuner, mcfg.key)
+            found = best_of(tuner, mcfg.key)
+            best, score, epoch = found.values, found.score, found.epoch
             head_cfg, lr = head_from_values(best, space)
             keras.backend.clear_session()
             keras.utils.set_random_seed(space.seed)

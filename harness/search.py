@@ -258,7 +258,7 @@ def _tracked(base: type) -> type:
                 seconds,
                 values,
             )
-            return {objective: score.value, "best_epoch": float(initial + score.epoch)}
+            return {objective: score.value, "best_epoch": float(initial + score.epoch), "cv_std": score.std}
 
         def on_trial_end(self, trial):
             super().on_trial_end(trial)
@@ -332,10 +332,25 @@ def run_search(tuner) -> None:
         raise
 
 
-def best_of(tuner, key: str) -> tuple[dict, float, int]:
-    """(hyperparameters, objective, epoch count the folds chose) of a finished search's best trial."""
+@dataclass
+class Best:
+    """A finished search's best trial: its hyperparameters, objective (fold mean), the epoch the folds chose (its
+    index) and the spread of the objective over the folds."""
+
+    values: dict
+    score: float
+    epoch: int
+    std: float
+
+
+def best_of(tuner, key: str) -> Best:
     completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
     if not completed:
         raise HarnessError(f"{key}: no trial completed; see the failed trial runs in MLflow for errors")
     best = tuner.oracle.get_best_trials(1)[0]
-    return clean_values(best.hyperparameters.values), float(best.score), int(best.metrics.get_last_value("best_epoch"))
+    return Best(
+        clean_values(best.hyperparameters.values),
+        float(best.score),
+        int(best.metrics.get_last_value("best_epoch")),
+        float(best.metrics.get_last_value("cv_std") or 0.0),
+    )

@@ -86,7 +86,8 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
             )
         tuner = make_tuner(HeadHyperModel(prep, space), space, project_dir, resume, pid, tcfg.epochs, max_trials, folds)
         run_search(tuner)
-        best, score, epoch = best_of(tuner, mcfg.key)
+        found = best_of(tuner, mcfg.key)
+        best, score, epoch = found.values, found.score, found.epoch
         search_s = time.perf_counter() - t0
         mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
         mlflow.log_metrics(
@@ -96,6 +97,8 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
                 "trials_total": len(tuner.oracle.trials),
                 f"best.{space.objective}": score,
                 "best.epoch": epoch,
+                f"best.cv_std_{space.objective}": found.std,
+                "best.folds": len(folds),
             }
         )
         t1 = time.perf_counter()

@@ -58,6 +58,8 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
                 "backbone",
                 "weights",
                 "best hyperparameters",
+                "selected by (validation)",
+                "final model",
                 "test n",
                 "accuracy [95% bootstrap CI]",
                 "exact 95% CI",
@@ -65,6 +67,7 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             ]
             + (["COVID-19 sensitivity"] if "covid" in classes else [])
             + ["ROC AUC", "test loss", "trials", "tuning s"]
+            + (["accuracy with TTA"] if any("test_tta.accuracy" in m.metrics for m in ms) else [])
             + [f"P/R {c}" for c in classes]
         )
         rows = []
@@ -86,6 +89,8 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
                 m.backbone,
                 weights,
                 hp,
+                selection(m),
+                final_words(m),
                 t.get("n", 0),
                 f"{_f(t.get('accuracy'))} [{_f(t.get('accuracy_ci_low'))}, {_f(t.get('accuracy_ci_high'))}]",
                 f"[{_f(t.get('accuracy_cp_low'))}, {_f(t.get('accuracy_cp_high'))}]",
@@ -94,10 +99,119 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             if "covid" in classes:
                 row.append(_f(t.get("recall.covid")))
             row += [_f(t.get("roc_auc")), _f(t.get("loss")), len(m.trials) or "—", _f(search_s, 1)]
+            if any("test_tta.accuracy" in x.metrics for x in ms):
+                row.append(_f(m.metrics.get("test_tta.accuracy")))
             row += [f"{_f(t.get(f'precision.{c}'), 2)}/{_f(t.get(f'recall.{c}'), 2)}" for c in classes]
             rows.append(row)
         blocks += [h(f"Task {task}: {', '.join(classes)}", 3), table(headers, rows, f"summary-{task}")]
     return blocks
+
+
+def selection(m: ModelResult) -> str:
+    """What chose this model: the search objective of its best trial, over the K folds or on the val split."""
+    if not m.search:
+        return "not searched"
+    objective = m.search.data.params.get("search.objective", "val_loss")
+    value = m.search.data.metrics.get(f"best.{objective}")
+    folds = int(m.search.data.metrics.get("best.folds", 1))
+    std = m.search.data.metrics.get(f"best.cv_std_{objective}")
+    where = f" ± {_f(std)} over {folds} folds" if folds > 1 else " on the val split"
+    return f"{objective} {_f(value)}{where}"
+
+
+def final_words(m: ModelResult) -> str:
+    mode, n = m.tags.get("final.mode", "single"), m.tags.get("final.members", "1")
+    words = {
+        "single": "one head, best val epoch",
+        "ensemble": f"{n} fold heads averaged",
+        "refit": "refit on train+val",
+    }.get(mode, mode)
+    return words + (", fine-tuned" if m.tags.get("final.stage") == "finetune" else "")
+
+
+def _nested(models: list[ModelResult], computed: dict) -> list:
+    rows = []
+    for m in [m for m in models if m.nested is not None]:
+        n, t = m.nested.data.metrics, computed[m.key]
+        rows.append(
+            [
+                m.key,
+                int(n.get("nested.n", 0)),
+                f"{_f(n.get('nested.accuracy'))} [{_f(n.get('nested.accuracy_cp_low'))}, "
+                f"{_f(n.get('nested.accuracy_cp_high'))}]",
+                f"{_f(n.get('nested.floor.accuracy'))} [{_f(n.get('nested.floor.accuracy_cp_low'))}, "
+                f"{_f(n.get('nested.floor.accuracy_cp_high'))}]",
+                int(n.get("nested.vs_floor.only_tuned", 0)),
+                int(n.get("nested.vs_floor.only_floor", 0)),
+                _f(n.get("nested.vs_floor.p_value"), 4),
+                f"{_f(t.get('accuracy'))} [{_f(t.get('accuracy_cp_low'))}, {_f(t.get('accuracy_cp_high'))}] "
+                f"(n={t.get('n')})",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        h("How good is the procedure: nested cross-validation", 2),
+        p(
+            "The test accuracy is one model on one test split; the nested estimate repeats the whole head search and "
+            "final fit in an outer loop over train+validation, so each of its images is predicted by a model chosen "
+            "without it: it says how well this procedure does on new images of this data, not how good one model is."
+        ),
+        table(
+            [
+                "model",
+                "images",
+                "nested accuracy [exact 95% CI]",
+                "floor, same outer folds [exact 95% CI]",
+                "only tuned right",
+                "only floor right",
+                "exact McNemar p",
+                "test accuracy [exact 95% CI]",
+            ],
+            rows,
+            "nested",
+        ),
+    ]
+
+
+def _finetune(models: list[ModelResult]) -> list:
+    rows = []
+    for m in [m for m in models if m.search and "finetune.chosen" in m.search.data.tags]:
+        s = m.search.data
+        objective = s.params.get("search.objective", "val_loss")
+        ft = [r for r in m.trials if r.get("stage") == "finetune"]
+        best = (
+            min(ft, key=lambda r: r["objective"])
+            if ft and objective.endswith("loss")
+            else max(ft, key=lambda r: r["objective"])
+            if ft
+            else {}
+        )
+        rows.append(
+            [
+                m.key,
+                _f(s.metrics.get(f"finetune.start_{objective}"), 4),
+                _f(s.metrics.get(f"finetune.best_{objective}"), 4),
+                len(ft),
+                ", ".join(f"{k}={best[k]}" for k in ("ft_blocks", "ft_learning_rate", "ft_augment") if k in best),
+                "yes" if s.tags["finetune.chosen"] == "true" else "no: the head-only model stays",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        h("Fine-tuning stage", 3),
+        p(
+            "From the best head, a second search over the backbone's unfrozen top blocks (0 = frozen), their "
+            "learning rate and augmentation strength, on the same folds; it replaces the head-only model only when "
+            "it beats it on the same validation images."
+        ),
+        table(
+            ["model", "head-only objective", "best fine-tuned objective", "trials", "best fine-tuning", "chosen"],
+            rows,
+            "finetune",
+        ),
+    ]
 
 
 def _mcnemar(models: list[ModelResult]) -> list:
@@ -314,7 +428,13 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     ]
     if study.missing:
         blocks.append(p("Missing (no final run yet): " + ", ".join(study.missing)))
-    blocks += [h("Summary", 2)] + _summary(models, computed) + _floor(models, computed) + _mcnemar(models)
+    blocks += (
+        [h("Summary", 2)]
+        + _summary(models, computed)
+        + _floor(models, computed)
+        + _nested(models, computed)
+        + _mcnemar(models)
+    )
     blocks.append(h("Confusion matrices (test)", 2))
     for m in models:
         rows = m.split("test")
@@ -334,15 +454,15 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     blocks.append(h("t-SNE of penultimate-layer features", 2))
     blocks += [img(figures.tsne(m, colours, out / f"tsne-{m.key}.png"), f"t-SNE of {m.key}") for m in models]
     blocks.append(h("Tuning overview", 2))
-    for m in [m for m in models if m.trials]:
+    for m in [m for m in models if m.head_trials]:
         objective = m.search.data.params.get("search.objective", "val_loss")
         blocks.append(img(figures.tuning(m, objective, out / f"tuning-{m.key}.png"), f"Search of {m.key}"))
         top = sorted(
-            [r for r in m.trials if np.isfinite(r["objective"])],
+            [r for r in m.head_trials if np.isfinite(r["objective"])],
             key=lambda r: r["objective"],
             reverse=not objective.endswith("loss"),
         )[:5]
-        keys = sorted({k for r in top for k in r} - {"trial", "status", "objective", "seconds"})
+        keys = sorted({k for r in top for k in r} - {"trial", "status", "objective", "seconds", "stage"})
         blocks.append(
             table(
                 ["trial", objective, "seconds"] + keys,
@@ -350,7 +470,7 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
                 f"top-trials-{m.key}",
             )
         )
-    blocks += _timing(models, study) + _data(models)
+    blocks += _finetune(models) + _timing(models, study) + _data(models)
     return blocks, computed
 
 

@@ -29,6 +29,11 @@ class ModelResult:
     search: Run | None = None
     baseline: Run | None = None  # logistic regression on pooled features of the same search
     baseline_predictions: list[dict] = field(default_factory=list)
+    nested: Run | None = None  # the nested cross-validation estimate of the search procedure, when run
+
+    @property
+    def head_trials(self) -> list[dict]:
+        return [t for t in self.trials if t.get("stage", "head") == "head"]
 
     @property
     def tags(self) -> dict:
@@ -77,6 +82,7 @@ def _trials(client, parent: Run) -> list[dict]:
                 "status": r.info.status,
                 "objective": r.data.metrics.get(f"best_{objective}", float("nan")),
                 "seconds": r.data.metrics.get("trial_seconds", float("nan")),
+                "stage": r.data.tags.get("stage", "head"),
                 **{k[3:]: v for k, v in r.data.params.items() if k.startswith("hp.")},
             }
         )
@@ -121,16 +127,9 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
             }
             parent_id = r.data.tags.get("mlflow.parentRunId")
             parent = client.get_run(parent_id) if parent_id else None
-            base = (
-                [
-                    b
-                    for b in runs
-                    if b.data.tags.get("harness.kind") == "baseline"
-                    and b.data.tags.get("mlflow.parentRunId") == parent_id
-                ]
-                if parent_id
-                else []
-            )
+            children = [b for b in runs if parent_id and b.data.tags.get("mlflow.parentRunId") == parent_id]
+            base = [b for b in children if b.data.tags.get("harness.kind") == "baseline"]
+            nested = [b for b in children if b.data.tags.get("harness.kind") == "nested"]
             models.append(
                 ModelResult(
                     key=key,
@@ -147,6 +146,7 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                     baseline_predictions=_artifact_json(client, base[0].info.run_id, "predictions.json", sub)
                     if base
                     else [],
+                    nested=nested[0] if nested else None,
                 )
             )
     skipped = {k.removeprefix("harness.skipped."): v for k, v in exp.tags.items() if k.startswith("harness.skipped.")}

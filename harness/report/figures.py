@@ -84,7 +84,7 @@ def tsne(m: ModelResult, colours: dict[str, tuple], path: Path, seed: int = 0) -
 
 
 def tuning(m: ModelResult, objective: str, path: Path) -> Path:
-    rows = [r for r in m.trials if np.isfinite(r["objective"])]
+    rows = [r for r in m.head_trials if np.isfinite(r["objective"])]
     fig, ax = plt.subplots(figsize=(6, 3.4))
     if rows:
         n = np.arange(1, len(rows) + 1)
@@ -95,6 +95,6 @@ def tuning(m: ModelResult, objective: str, path: Path) -> Path:
         ax.legend()
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective)
-    ax.set_title(f"{m.key} — search ({len(m.trials)} trials)")
+    ax.set_title(f"{m.key} — head search ({len(m.head_trials)} trials)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
