@@ -141,6 +141,15 @@ def test_nested_estimate_predicts_every_pool_image_once_without_the_test_split(t
     assert m["nested.accuracy_cp_low"] <= m["nested.accuracy"] <= m["nested.accuracy_cp_high"]
     assert 0 <= m["nested.vs_floor.p_value"] <= 1 and "nested.floor.accuracy" in m
     assert not [t for t in _runs(mlflow_client, "trial") if t.data.tags.get("stage") != "head"]  # inner: untracked
+    res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## How good is the procedure: nested cross-validation" in md
+    section = md.split("## How good is the procedure")[1].split("\n## ")[0]
+    (row,) = [ln for ln in section.splitlines() if ln.startswith("| task2-efficientnet_lite0 |")]
+    assert f"| {int(m['nested.n'])} | {m['nested.accuracy']:.3f} [{m['nested.accuracy_cp_low']:.3f}, " in row
+    summary = next(ln for ln in md.splitlines() if ln.startswith("| task2-efficientnet_lite0 | efficientnet_lite0"))
+    assert "over 2 folds" in summary and "2 fold heads averaged" in summary
 
 
 @pytest.mark.slow
