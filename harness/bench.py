@@ -346,6 +346,19 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             "macro_f1": t["macro_f1"],
             "floor_accuracy": m.baseline.data.metrics.get("test.accuracy") if m.baseline else None,
             "p_vs_floor": floor["p_value"] if floor else None,
+            "floor": {
+                k: m.baseline.data.metrics.get(f"test.{k}") for k in ("accuracy", "accuracy_cp_low", "accuracy_cp_high")
+            }
+            if m.baseline
+            else None,
+            "selection": m.search.data.metrics.get(f"best.{recipe.search.objective}") if m.search else None,
+            "stage": m.tags.get("final.stage", "head"),
+            "tta_accuracy": m.metrics.get("test_tta.accuracy"),
+            "nested": {
+                k.removeprefix("nested."): v for k, v in m.nested.data.metrics.items() if k.startswith("nested.")
+            }
+            if m.nested
+            else None,
         }
     for a, b in itertools.combinations(models, 2):
         res = paired(a.split("test"), b.split("test")) if a.task == b.task else None
@@ -369,6 +382,58 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
         {"study": recipe.study, "image_size": result["image_size"], "models": ",".join(result["models"])},
     )
     return {**result, "per_model": per_model, "pairs": pairs}
+
+
+def variant(recipe: Recipe, suffix: str, **search) -> Recipe:
+    """The recipe as a study of its own (`<study>-<suffix>`) with some search settings changed."""
+    return recipe.model_copy(
+        update={"study": f"{recipe.study}-{suffix}", "search": recipe.search.model_copy(update=search)}
+    )
+
+
+def winners(study: dict, recipe: Recipe) -> dict[str, str]:
+    """Per task, the model whose search objective was best: chosen by validation, never by test."""
+    objective = recipe.search.objective
+    best: dict[str, tuple[float, str]] = {}
+    for key, m in study["per_model"].items():
+        value = m["selection"] if objective.endswith("loss") else -m["selection"]
+        task = recipe.model(key).task
+        if task not in best or value < best[task][0]:
+            best[task] = (value, key)
+    return {task: key for task, (_, key) in best.items()}
+
+
+def selection_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | None) -> dict:
+    """The study's selection protocol on its data, per task: the single-split winner (cv_folds 1), the CV-selected
+    winner (the recipe's folds), and that winner searched again with the recipe's fine-tuning stage and nested
+    estimate; each with test accuracy, exact CI and McNemar against the floor on the same test images."""
+    t0 = time.perf_counter()
+    plain = {"nested_cv": 0, "finetune": None}
+    no_ft = [m.model_copy(update={"finetune": None}) for m in recipe.models]
+    single = variant(recipe.model_copy(update={"models": no_ft}), "single", cv_folds=1, **plain)
+    cv = variant(recipe.model_copy(update={"models": no_ft}), "cv", **plain)
+    out = {"single": study_benchmark(single, only, max_trials), "cv": study_benchmark(cv, only, max_trials)}
+    chosen = {"single": winners(out["single"], recipe), "cv": winners(out["cv"], recipe)}
+    full = variant(recipe.model_copy(update={"models": [recipe.model(k) for k in chosen["cv"].values()]}), "full")
+    out["full"] = study_benchmark(full, None, max_trials)
+    tasks = {}
+    for task in sorted(chosen["cv"]):
+        ws, wc = chosen["single"][task], chosen["cv"][task]
+        f = out["full"]["per_model"][wc]
+        tasks[task] = {
+            "floor": out["cv"]["per_model"][wc]["floor"],
+            "single_split_winner": {"model": ws, **out["single"]["per_model"][ws]},
+            "cv_winner": {"model": wc, **out["cv"]["per_model"][wc]},
+            "finetuned_winner": {"model": wc, **f},
+            "nested": f.get("nested"),
+        }
+    return {
+        "study": recipe.study,
+        "tasks": tasks,
+        "total_s": time.perf_counter() - t0,
+        "peak_rss_mib": peak_rss_mib(),
+        "variants": out,
+    }
 
 
 def main_cache(recipe_path: Path, model: str | None, epochs: int, overrides: dict) -> None:
@@ -421,18 +486,68 @@ def main_trial(recipe_path: Path, model: str | None, repeats: int, overrides: di
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
 
 
+def main_selection(recipe_path: Path, only: list[str] | None, max_trials: int | None, overrides: dict) -> None:
+    r = selection_benchmark(load_recipe(recipe_path, overrides), only, max_trials)
+    for name in ("single", "cv", "full"):
+        print_study(r["variants"][name])
+
+    def acc(m) -> str:
+        return f"{m['accuracy']:.3f} [{m['exact_ci'][0]:.3f}, {m['exact_ci'][1]:.3f}] (n={m['n']})"
+
+    for task, t in r["tasks"].items():
+        fl = t["floor"]
+        rows = [
+            (
+                "floor (LR on the CV winner's pooled features)",
+                f"{fl['accuracy']:.3f} [{fl['accuracy_cp_low']:.3f}, {fl['accuracy_cp_high']:.3f}]" if fl else "—",
+            )
+        ]
+        for label, key in (
+            ("single-split winner", "single_split_winner"),
+            ("CV-selected winner", "cv_winner"),
+            ("fine-tuned winner", "finetuned_winner"),
+        ):
+            m = t[key]
+            note = (
+                ""
+                if key != "finetuned_winner"
+                else (" (fine-tuning chosen)" if m["stage"] == "finetune" else " (fine-tuning not chosen: head only)")
+            )
+            tta = f"; with TTA {m['tta_accuracy']:.3f}" if m.get("tta_accuracy") is not None else ""
+            rows.append((f"{label}: {m['model']}{note}", f"{acc(m)}; McNemar p vs floor {m['p_vs_floor']:.3f}{tta}"))
+        n = t["nested"]
+        if n:
+            rows.append(
+                (
+                    "nested CV of the procedure",
+                    f"{n['accuracy']:.3f} [{n['accuracy_cp_low']:.3f}, "
+                    f"{n['accuracy_cp_high']:.3f}] (n={int(n['n'])}); floor {n['floor.accuracy']:.3f}, "
+                    f"McNemar p {n['vs_floor.p_value']:.3f}",
+                )
+            )
+        print_rows(f"Selection benchmark, {task}", rows)
+    print_rows("Whole benchmark", [("total", f"{r['total_s']:.0f} s"), ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")])
+    print(json.dumps({k: v for k, v in r.items() if k != "variants"}, default=str))
+
+
 def main_study(recipe_path: Path, only: list[str] | None, max_trials: int | None, overrides: dict) -> None:
     r = study_benchmark(load_recipe(recipe_path, overrides), only, max_trials)
+    print_study(r)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, default=str))
+
+
+def print_study(r: dict) -> None:
     rows = [(k.removeprefix("phase.").removesuffix("_s"), f"{v:.1f} s") for k, v in r.items() if k.startswith("phase.")]
     rows += [("total", f"{r['total_s']:.1f} s"), ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB")]
     for k, m in r["per_model"].items():
         floor = ""
         if m["p_vs_floor"] is not None:
             floor = f"; floor {m['floor_accuracy']:.3f}, McNemar p {m['p_vs_floor']:.3f}"
+        chosen_by = f"selected by {m['selection']:.4f}; " if m["selection"] is not None else ""
         rows.append(
             (
                 k,
-                f"test {m['accuracy']:.3f} (n={m['n']}) bootstrap [{m['bootstrap_ci'][0]:.3f}, "
+                f"{chosen_by}test {m['accuracy']:.3f} (n={m['n']}) bootstrap [{m['bootstrap_ci'][0]:.3f}, "
                 f"{m['bootstrap_ci'][1]:.3f}] exact [{m['exact_ci'][0]:.3f}, {m['exact_ci'][1]:.3f}]{floor}",
             )
         )
@@ -445,4 +560,3 @@ def main_study(recipe_path: Path, only: list[str] | None, max_trials: int | None
         f"{r['trials_per_model']} trials per model",
         rows,
     )
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, default=str))
