@@ -19,10 +19,11 @@ __version__ = "0.1.0"
 
 
 def load_model(model_uri: str):
-    """Load a model the harness logged (e.g. `models:/demo-task2-efficientnet_lite0/1` or `runs:/<id>/model`).
-
-    Importing the harness's layers first registers its preprocessing layer with Keras; the model then takes raw
-    0-255 RGB images of the recipe's size and returns class probabilities (classes sorted by folder name).
+    """Load a model the harness logged as a Keras model (e.g. `models:/demo-task2@champion` or `runs:/<id>/model`),
+    from the harness's store. It takes raw 0-255 RGB images of the recipe's size and returns class probabilities
+    (classes sorted by folder name). Models need no harness code to load (`mlflow.keras.load_model` or
+    `mlflow.pyfunc.load_model` work in any process); importing the layers here registers the preprocessing layer of
+    models logged by earlier versions of the harness, so those load too.
     """
     import mlflow.keras
 

@@ -61,6 +61,9 @@ def setup_logging(level: int) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    # MLflow announces every new store's table creation and migration at INFO: noise on a command line.
+    for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     tf_logger = logging.getLogger("tensorflow")
     if not any(isinstance(f, _NoRetracingNoise) for f in tf_logger.filters):
         tf_logger.addFilter(_NoRetracingNoise())
@@ -235,6 +238,35 @@ def ui(
         soft_wrap=True,
     )
     ui_fn(port)
+
+
+@app.command()
+@guarded
+def predict(
+    model_uri: Annotated[
+        str, typer.Argument(help="models:/<name>@champion, models:/<name>/<version> or runs:/<id>/model.")
+    ],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    out_csv: Annotated[Path | None, typer.Option("--out", help="Also write the table as CSV.")] = None,
+):
+    """Class probabilities for images, decoded as training decoded them (the model's colour policy and size)."""
+    from harness.registry import predict_files
+
+    result, problems = predict_files(model_uri, paths)
+    for problem in problems:  # one line each; the other images are still predicted
+        print(f"error: {problem}", file=sys.stderr)
+    classes = [c for c in result.columns if c not in ("file", "predicted")]
+    table = Table(title=model_uri)
+    for col in ["file", *classes, "predicted"]:
+        table.add_column(col, overflow="fold")
+    for _, row in result.iterrows():
+        table.add_row(row["file"], *[f"{row[c]:.4f}" for c in classes], row["predicted"])
+    out.print(table)
+    if out_csv is not None:
+        result.to_csv(out_csv, index=False)
+        out.print(f"wrote {len(result)} rows to {out_csv}", highlight=False)
+    if problems:
+        raise typer.Exit(2)
 
 
 @data_app.command("check")

@@ -111,7 +111,13 @@ def head_inputs(prep: Prepared, final: FinalModel, k: int) -> np.ndarray:
     """What member k's head sees for every image of the task: the cached features, or its own backbone's output."""
     if not final.on_images:
         return prep.take(np.arange(len(prep.task.y)), final.pooling)[0]
-    maps = extract(final.backbones[k], SPECS[prep.mcfg.backbone].preprocess, prep.task.x, label="Embedding images")
+    maps = extract(
+        final.backbones[k],
+        SPECS[prep.mcfg.backbone].preprocess,
+        prep.recipe.data.colour,
+        prep.task.x,
+        label="Embedding images",
+    )
     return maps.mean(axis=(1, 2)) if len(final.heads[k].input.shape) == 2 else maps
 
 
@@ -208,17 +214,18 @@ def log_split_metrics(prep: Prepared, name: str, idx: np.ndarray, proba: np.ndar
 
 
 def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) -> None:
-    import tensorflow as tf
-    from mlflow.models import infer_signature
+    """The final model as a standard MLflow model (loadable and servable without the harness), registered."""
+    from harness.registry import log_classifier
 
-    sample = prep.task.x[:2].astype("float32")
-    signature = infer_signature(sample, np.asarray(model(sample, training=False)))
-    mlflow.keras.log_model(
+    log_classifier(
         model,
-        name="model",
-        signature=signature,
-        registered_model_name=register_as,
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        prep.task.classes,
+        prep.image_size,
+        prep.recipe.data.colour,
+        register_as,
+        study=prep.recipe.study,
+        model_key=prep.mcfg.key,
+        backbone=prep.mcfg.backbone,
     )
 
 

@@ -101,6 +101,7 @@ def full_model(prep: Prepared, head: keras.Model, name: str | None = None) -> ke
         prep.backbone,
         head,
         SPECS[prep.mcfg.backbone].preprocess,
+        prep.recipe.data.colour,
         prep.image_size,
         trainable_backbone=prep.mcfg.trainable,
         augment=prep.recipe.training_for(prep.mcfg).augment,

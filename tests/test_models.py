@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from harness.cli import app
 from harness.errors import HarnessError
 from harness.models import assemble, build_backbone, build_head, weights_status
-from harness.models.layers import Preprocess
+from harness.models.layers import Preprocess, preprocessing
 
 
 def _counts(model):
@@ -34,19 +34,40 @@ def _counts(model):
 def test_seed_heads_have_the_seed_parameter_counts(backbone, units, dropout, classes, trainable, expected):
     bb, _ = build_backbone(backbone, "none", 224)
     head = build_head(bb.output.shape[1:], classes, units, dropout, "flatten")
-    model = assemble(bb, head, "caffe", 224, trainable_backbone=trainable)
-    assert _counts(model) == expected
+    model = assemble(bb, head, "caffe", "grey", 224, trainable_backbone=trainable)
+    # The seed's summaries counted backbone and head; the harness's fixed preprocessing layer (12 numbers) is extra.
+    assert _counts(model) == (expected[0], expected[1] + 12)
+    assert _counts(model.get_layer("preprocess")) == (0, 12)
     n_dropout = sum(isinstance(layer, keras.layers.Dropout) for layer in head.layers)
     assert n_dropout == len(units) - 1  # after every hidden layer but the last, as in the seed
 
 
+LITE = lambda x: (x - 127.0) / 128.0  # noqa: E731  EfficientNet-Lite's input scaling
+
+
 @pytest.mark.parametrize(
     "mode,fn",
-    [("caffe", keras.applications.vgg19.preprocess_input), ("torch", keras.applications.densenet.preprocess_input)],
+    [
+        ("caffe", keras.applications.vgg19.preprocess_input),
+        ("torch", keras.applications.densenet.preprocess_input),
+        ("lite", LITE),
+    ],
 )
-def test_preprocess_layer_matches_keras(mode, fn):
-    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
-    np.testing.assert_allclose(np.asarray(Preprocess(mode)(x)), fn(x.copy()), rtol=1e-5, atol=1e-4)
+def test_preprocessing_layer_matches_keras_and_applies_the_grey_policy(mode, fn):
+    from PIL import Image
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(preprocessing(mode, "rgb")(x)), fn(x.copy()), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(Preprocess(mode)(x)), fn(x.copy()), rtol=1e-5, atol=1e-4)  # old models
+    pil = np.stack([np.asarray(Image.fromarray(img.astype(np.uint8)).convert("L")) for img in x]).astype("float32")
+    grey = np.repeat(pil[..., None], 3, axis=-1)
+    ref = fn(grey.copy())
+    # an image that is already grey (as training decodes it) passes through the grey policy unchanged
+    np.testing.assert_allclose(np.asarray(preprocessing(mode, "grey")(grey)), ref, rtol=1e-5, atol=1e-4)
+    if (
+        mode == "lite"
+    ):  # one scale for all channels: a colour image's grey is PIL's L within its rounding (half a level)
+        np.testing.assert_allclose(np.asarray(preprocessing(mode, "grey")(x)), ref, atol=0.5 / 128 + 1e-6)
 
 
 def test_imagenet_missing_and_unfetchable_is_one_clear_line():

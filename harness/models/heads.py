@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from harness.models.layers import Preprocess
+from harness.models.layers import preprocessing
 
 
 def build_head(
@@ -53,16 +53,18 @@ def assemble(
     backbone: keras.Model,
     head: keras.Model,
     preprocess: str,
+    colour: str,
     image_size: int,
     trainable_backbone: bool,
     augment: float = 0.0,
     name: str | None = None,
 ) -> keras.Model:
-    """Raw 0-255 images -> (augmentation) -> preprocessing -> backbone -> head, one model logged and reloaded."""
+    """Raw 0-255 RGB images -> (augmentation) -> colour policy and preprocessing -> backbone -> head: one model
+    logged and reloaded, built-in layers only."""
     backbone.trainable = trainable_backbone
     inputs = keras.Input(shape=(image_size, image_size, 3), name=f"{name}_image" if name else "image")
     x = augmentation(augment)(inputs) if augment > 0 else inputs
-    x = Preprocess(preprocess, name="preprocess")(x)
+    x = preprocessing(preprocess, colour)(x)
     # training=False keeps BatchNorm in inference mode, frozen or fine-tuned (Keras transfer-learning guide):
     # on a few hundred images, updating BatchNorm statistics wrecks the pretrained features.
     x = backbone(x, training=False)

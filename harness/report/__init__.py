@@ -214,6 +214,38 @@ def _finetune(models: list[ModelResult]) -> list:
     ]
 
 
+def _champions(study: Study) -> list:
+    if not study.champions:
+        return []
+    rows = [
+        [
+            task,
+            c["uri"],
+            c["version"],
+            c["model_key"],
+            c["source"],
+            f"{c['objective']} {_f(c['value'], 4)}",
+            c["candidates"],
+            "moved to this model now" if c["moved"] else "kept: no model with a better validation objective",
+        ]
+        for task, c in sorted(study.champions.items())
+    ]
+    return [
+        h("Champions", 2),
+        p(
+            "Each task's `champion` alias points at the final model with the best validation objective (the one its "
+            "search chose it by: the cross-validated or validation-split loss), never at the best test accuracy, "
+            "which would turn the test split into a selection set. It moves only when a strictly better model "
+            "exists. Serve it with `mlflow models serve -m <uri> --env-manager local`."
+        ),
+        table(
+            ["task", "model URI", "version", "model", "points at", "chosen by", "candidates", "alias"],
+            rows,
+            "champions",
+        ),
+    ]
+
+
 def _mcnemar(models: list[ModelResult]) -> list:
     rows = []
     for a, b in itertools.combinations(models, 2):
@@ -431,6 +463,7 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     blocks += (
         [h("Summary", 2)]
         + _summary(models, computed)
+        + _champions(study)
         + _floor(models, computed)
         + _nested(models, computed)
         + _mcnemar(models)
@@ -476,11 +509,20 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
 
 def compare(study: str, out: Path | None = None, expected: list[str] | None = None) -> Path:
     """Build the report of a study from MLflow into `out` (default under HARNESS_HOME), log it, return report.html."""
+    from harness.registry import crown_champions
+
     data = collect(study, expected)  # before setup(), which would create a missing experiment
     tracking.setup(study)
     out = (out or get_paths().reports / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tracking.run(f"compare {study}", tags={"harness.kind": "compare", "study": study}):
+        data.champions = crown_champions(study, [m.run for m in data.models])
+        mlflow.set_tags(
+            {
+                f"champion.{task}": f"{c['uri']} = version {c['version']} ({c['model_key']})"
+                for task, c in data.champions.items()
+            }
+        )
         blocks, computed = build_blocks(data, out)
         (out / "report.md").write_text(to_markdown(blocks, out))
         (out / "report.html").write_text(to_html(blocks, f"cxr-harness report: {study}"))

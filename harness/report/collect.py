@@ -62,6 +62,7 @@ class Study:
     models: list[ModelResult]
     missing: list[str]  # expected models without a final run, with the reason when the search skipped them
     device_runs: list[Run]  # every final/train run of the study, for the CPU-vs-GPU table
+    champions: dict = field(default_factory=dict)  # per task: the alias `champion` and why (set by `compare`)
 
 
 def _artifact_json(client, run_id: str, path: str, tmp: Path):

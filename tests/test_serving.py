@@ -1,0 +1,239 @@
+"""The winners as standard MLflow models: they load and serve in processes that cannot import the harness, the
+champion alias follows the validation objective (never test), `harness predict` reads folders, naming bad files."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from harness.cli import app
+
+from conftest import write_recipe
+
+NO_HARNESS = "import sys\nsys.modules['harness'] = None  # any `import harness` in this process fails\n"
+
+
+def _no_harness_env(tmp_path: Path, home: Path) -> dict:
+    """An environment whose Python processes (and their children) cannot import harness."""
+    site = tmp_path / "no-harness"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_HARNESS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
+    env.update(
+        PYTHONPATH=str(site),
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def served_study(tmp_path_factory, session_cache):
+    """A tiny study tuned and compared once (so a champion exists), in its own store."""
+    tmp = tmp_path_factory.mktemp("serve")
+    keys = ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME", "MLFLOW_TRACKING_URI", "HARNESS_WEIGHTS_MIRROR")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(
+        HARNESS_HOME=str(tmp / "home"),
+        HARNESS_CACHE=str(session_cache),
+        KERAS_HOME=str(tmp / "k"),
+        HARNESS_WEIGHTS_MIRROR="http://127.0.0.1:9/",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'home' / 'mlflow.db'}",
+    )
+    recipe = write_recipe(tmp / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2})
+    assert CliRunner().invoke(app, ["tune", str(recipe)]).exit_code == 0
+    res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
+    assert res.exit_code == 0, res.output
+    from harness.data import prepare_task
+    from harness.recipe import load_recipe
+
+    task = prepare_task(load_recipe(recipe), "task2")
+    images = tmp / "images"
+    images.mkdir()
+    for i in task.splits["test"][:2]:
+        Image.fromarray(task.x[i]).save(images / f"{i}.png")  # as training decoded them: grey, 32 px
+    yield {"tmp": tmp, "home": tmp / "home", "recipe": recipe, "images": images, "classes": task.classes}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def use_served_store(request, monkeypatch):
+    if "served_study" in request.fixturenames:
+        s = request.getfixturevalue("served_study")
+        monkeypatch.setenv("HARNESS_HOME", str(s["home"]))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{s['home'] / 'mlflow.db'}")
+
+
+@pytest.mark.slow
+def test_registered_model_loads_in_a_process_that_cannot_import_harness(served_study, tmp_path):
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(served_study["images"].iterdir())])
+    np.save(tmp_path / "x.npy", x.astype("float32"))
+    script = tmp_path / "load.py"
+    script.write_text(f"""
+import json, sys, numpy as np, mlflow
+try:
+    import harness
+    sys.exit("harness was importable")
+except ImportError:
+    pass
+uri = "models:/tiny-task2@champion"
+x = np.load({str(tmp_path / "x.npy")!r})
+out = {{"pyfunc": mlflow.pyfunc.load_model(uri).predict(x).to_dict(orient="split")}}
+for name, load in (("keras", mlflow.keras.load_model), ("tensorflow", mlflow.tensorflow.load_model)):
+    out[name] = np.asarray(load(uri)(x)).tolist()
+print("RESULT" + json.dumps(out))
+""")
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        env=_no_harness_env(tmp_path, served_study["home"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    assert out["pyfunc"]["columns"] == served_study["classes"]
+    p = np.array(out["pyfunc"]["data"])
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p, out["keras"], atol=1e-6)
+    np.testing.assert_allclose(p, out["tensorflow"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_served_champion_answers_like_harness_predict_and_keeps_the_grey_policy(served_study, tmp_path):
+    res = CliRunner().invoke(
+        app, ["predict", "models:/tiny-task2@champion", str(served_study["images"]), "--out", str(tmp_path / "p.csv")]
+    )
+    assert res.exit_code == 0, res.output
+    expected = pd.read_csv(tmp_path / "p.csv")
+    files = sorted(served_study["images"].iterdir())
+    grey = [np.asarray(Image.open(f).convert("RGB"), dtype="float32") for f in files]
+    # The same first image in colour: a served model must treat it as training treated colour (greyscale).
+    tint = np.clip(grey[0] * np.array([1.15, 0.9, 0.8]), 0, 255).round()
+    pil_grey = np.asarray(Image.fromarray(tint.astype(np.uint8)).convert("L").convert("RGB"), dtype="float32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/tiny-task2@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=_no_harness_env(tmp_path, served_study["home"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:  # loopback only: the server this test started
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow models serve did not answer /ping")
+        body = json.dumps({"inputs": [g.tolist() for g in grey] + [tint.tolist(), pil_grey.tolist()]}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        rows = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    classes = served_study["classes"]
+    assert all(list(r) == classes for r in rows)
+    served = np.array([[r[c] for c in classes] for r in rows])
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(served[:2], expected[classes].to_numpy(), atol=1e-5)  # same as `harness predict`
+    np.testing.assert_allclose(served[2], served[3], atol=2e-3)  # colour in, PIL's grey treatment (± its rounding)
+
+
+def test_champion_is_chosen_by_validation_never_by_test_and_moves_only_for_better(tmp_path, mlflow_client):
+    """Real runs and registered versions, no training: their logged numbers decide."""
+    import mlflow
+
+    from harness import tracking
+    from harness.registry import crown_champions
+
+    exp = tracking.setup("alias")
+
+    def final(key, val_loss, test_accuracy):
+        with mlflow.start_run(
+            experiment_id=exp,
+            tags={"harness.kind": "final", "task": "t", "model_key": key, "registered_model": f"alias-{key}"},
+        ) as r:
+            mlflow.log_metrics({"search.val_loss": val_loss, "test.accuracy": test_accuracy})
+        if not mlflow_client.search_registered_models(f"name = 'alias-{key}'"):
+            mlflow_client.create_registered_model(f"alias-{key}")
+        mlflow_client.create_model_version(f"alias-{key}", f"runs:/{r.info.run_id}/model", run_id=r.info.run_id)
+        return mlflow_client.get_run(r.info.run_id)
+
+    a, b = final("a", val_loss=0.50, test_accuracy=0.95), final("b", val_loss=0.30, test_accuracy=0.60)
+    first = crown_champions("alias", [a, b])["t"]
+    assert first["model_key"] == "b" and first["moved"]  # better validation, worse test: validation decides
+    held = mlflow_client.get_model_version_by_alias("alias-t", "champion")
+    assert held.tags["source_model"] == "alias-b/1" and held.tags["selection.value"] == "0.3"
+    again = crown_champions("alias", [a, b])["t"]
+    assert not again["moved"] and again["version"] == first["version"]  # nothing better: the alias stays
+    c = final("c", val_loss=0.40, test_accuracy=1.0)
+    assert not crown_champions("alias", [a, c])["t"]["moved"]  # c is not better than the champion b
+    d = final("d", val_loss=0.20, test_accuracy=0.5)
+    moved = crown_champions("alias", [a, c, d])["t"]
+    assert moved["moved"] and moved["model_key"] == "d" and moved["version"] != first["version"]
+
+
+@pytest.mark.slow
+def test_predict_reads_a_folder_and_names_each_unreadable_file(served_study, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for f in sorted(served_study["images"].iterdir()):
+        (folder / "sub" / f.name).write_bytes(f.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    res = CliRunner().invoke(
+        app, ["predict", "models:/tiny-task2@champion", str(folder), "--out", str(tmp_path / "p.csv")]
+    )
+    assert res.exit_code == 2
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0] and "Traceback" not in res.output
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert sorted(Path(f).name for f in table["file"]) == sorted(f.name for f in served_study["images"].iterdir())
+    assert list(table.columns) == ["file", *served_study["classes"], "predicted"]
+    np.testing.assert_allclose(table[served_study["classes"]].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_predict_with_an_unknown_model_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["predict", "models:/nope@champion", str(tmp_path)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "models:/nope@champion: cannot load" in res.output
