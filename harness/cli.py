@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError
+from harness.resume import Interrupted, graceful_interrupts
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0]
@@ -77,13 +78,26 @@ def guarded(fn):
         except HarnessError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except Interrupted:
             print(
-                "interrupted: runs in progress were marked KILLED (a search continues with `harness tune ... "
-                "--resume`)",
+                "stopped after the current trial: finished trials and stages are kept; continue with "
+                "`harness tune RECIPE --resume`",
                 file=sys.stderr,
             )
             raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            print(
+                "interrupted: runs in progress were marked KILLED; continue with `harness tune RECIPE --resume`",
+                file=sys.stderr,
+            )
+            raise typer.Exit(130) from None
+        except OSError as e:  # a full disk, a read-only folder: the environment, named, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            print(
+                f"error: {where}{e.strerror or e}; fix it, then continue with `harness tune RECIPE --resume`",
+                file=sys.stderr,
+            )
+            raise typer.Exit(2) from None
         except typer.Exit:
             raise
         except Exception as e:  # a bug, not bad input: still one line, the traceback on request
@@ -157,16 +171,26 @@ def tune(
         list[str] | None, typer.Option(help="Only this model (task-backbone or task/backbone); repeatable.")
     ] = None,
     max_trials: Annotated[int | None, typer.Option(help="Override search.max_trials.")] = None,
-    resume: Annotated[bool, typer.Option(help="Finish an interrupted search instead of starting over.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the study: skip finished searches, continue interrupted ones.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Start the study's searches over (their runs stay as history).")
+    ] = False,
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override data.image_size.")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
 ):
-    """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered."""
+    """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered.
+    Ctrl-C once stops after the current trial (resumable), twice stops at once."""
     from harness.study import tune as tune_fn
 
+    if resume and restart:
+        raise HarnessError("--resume and --restart contradict each other: choose one")
     r = _load(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs, max_trials=max_trials))
-    for res in tune_fn(r, only=only, resume=resume):
+    with graceful_interrupts():
+        results = tune_fn(r, only=only, resume=resume, restart=restart)
+    for res in results:
         if "skipped" in res:
             out.print(f"{res['model']}: skipped ({res['skipped']})", highlight=False, markup=False)
             continue
@@ -199,13 +223,18 @@ def study(
     recipe: RecipeArg,
     max_trials: Annotated[int | None, typer.Option(help="Override search.max_trials.")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the study where it stopped.")] = False,
+    restart: Annotated[bool, typer.Option(help="Start the study's searches over.")] = False,
 ):
     """A whole study: tune every model of the recipe, then build the comparison report."""
     from harness.pipeline import run_study
     from harness.recipe import load_recipe
 
+    if resume and restart:
+        raise HarnessError("--resume and --restart contradict each other: choose one")
     r = load_recipe(recipe, _overrides(data_root=data_root, max_trials=max_trials))
-    path = run_study(r)
+    with graceful_interrupts():
+        path = run_study(r, resume=resume, restart=restart)
     out.print(f"report: {path}", highlight=False)
     _print_store(r.study, "study finished")
 
@@ -216,7 +245,8 @@ def demo():
     """Run the embedded demo study end to end on generated phantom X-rays."""
     from harness.pipeline import demo as demo_fn
 
-    report = demo_fn(DEMO_RECIPE)
+    with graceful_interrupts():
+        report = demo_fn(DEMO_RECIPE)
     out.print(f"report: {report}", highlight=False)
     _print_store("demo", "demo finished")
 

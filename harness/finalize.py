@@ -8,6 +8,7 @@ embeddings and the full model, and register it. Shared by `harness train` and th
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from harness.models.backbones import SPECS
 from harness.models.heads import augmentation, average, penultimate
 from harness.prepared import Prepared, full_model, refresh_backbone
 from harness.recipe import HeadConfig, TrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +83,7 @@ def fit_final(
     """Fit the members. `single` keeps each member's best validation epoch (`objective`); `ensemble` and `refit`
     train for `epochs`, the epoch count the cross-validation chose for this head."""
     members_folds = final_folds(prep, mode, folds, refit_pool)
+    log.info("Final model %s: fitting %d member(s), %s", prep.mcfg.key, len(members_folds), mode)
     members, heads, backbones = [], [], []
     for _ in members_folds:
         if not prep.on_features:  # every member trains its own copy of the pretrained backbone

@@ -8,7 +8,7 @@ import sys
 
 from harness.cli import app
 
-FLAGS = {"--resume"}
+FLAGS = {"--resume", "--restart"}
 
 
 def to_cli_args(argv: list[str]) -> list[str]:

@@ -21,17 +21,18 @@ def compare_study(study_or_recipe: str, out: Path | None = None) -> Path:
     return compare(study_or_recipe, out)
 
 
-def run_study(recipe: Recipe, out: Path | None = None) -> Path:
+def run_study(recipe: Recipe, out: Path | None = None, resume: bool = False, restart: bool = False) -> Path:
     from harness.report import compare
     from harness.study import tune
 
-    tune(recipe)
+    tune(recipe, resume=resume, restart=restart)
     return compare(recipe.study, out, expected=[m.key for m in recipe.models])
 
 
 def demo(recipe_path: Path) -> Path:
-    """The embedded default, end to end: generated data, a search per model, the report."""
-    return run_study(load_recipe(recipe_path))
+    """The embedded default, end to end: generated data, a search per model, the report. Run again, it continues
+    (finished searches are skipped), so a second `make demo` only rebuilds the report."""
+    return run_study(load_recipe(recipe_path), resume=True)
 
 
 def ui_url(port: int = 5000, study: str | None = None) -> str:

@@ -90,6 +90,7 @@ def log_classifier(
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
+    log.info("Logging the model%s", f" and registering it as {registered_model_name}" if registered_model_name else "")
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, 3))]),
         outputs=Schema([ColSpec("double", c) for c in classes]),

@@ -26,9 +26,9 @@ from harness.errors import HarnessError
 from harness.fit import FitResult, Fold, fit_on, optimizer_factory
 from harness.prepared import Prepared, refresh_backbone
 from harness.recipe import FloatRange, HeadConfig, SearchConfig
+from harness.resume import STOP, atomic_json, check_interrupt
 
 log = logging.getLogger(__name__)
-TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
 
 
 def clean_values(values: dict) -> dict:
@@ -160,123 +160,164 @@ class HeadHyperModel(kt.HyperModel):
         )
 
 
-def _tracked(base: type) -> type:
-    class Tracked(base):
-        """Runs each trial itself (the documented `run_trial` hook): builds a model per fold, trains them together
-        with the harness's compiled loop, scores the fold-mean curve, records the trial as one nested MLflow run
-        written in one batch, and returns the objective.
+ORACLES = {
+    "random": kt.oracles.RandomSearchOracle,
+    "bayesian": kt.oracles.BayesianOptimizationOracle,
+    "hyperband": kt.oracles.HyperbandOracle,
+}
 
-        No per-epoch checkpoint files: only Hyperband reads a trial's weights back (to continue it in a later
-        bracket), so only Hyperband trials save theirs, once per fold, at their best epoch."""
 
-        def __init__(
-            self,
-            *args,
-            folds: list[Fold],
-            parent_run_id: str | None,
-            trial_seed: int,
-            deadline: float | None = None,
-            **kwargs,
-        ):
-            super().__init__(*args, **kwargs)
-            self.folds, self.parent_run_id, self.trial_seed, self.deadline = folds, parent_run_id, trial_seed, deadline
-            stage = self.hypermodel.stage
-            # Trials with a run already (a resumed search); None: an untracked search (the nested estimate's).
-            self.recorded = trial_runs(parent_run_id, stage) if parent_run_id else None
+def _atomic(base: type) -> type:
+    """An oracle whose state files are replaced atomically: Keras Tuner truncates and rewrites `oracle.json` and
+    `trial.json` in place, and a kill in between would leave a search that cannot be reloaded."""
 
-        def checkpoint(self, trial_id: str, k: int) -> str:
-            return os.path.join(self.get_trial_dir(trial_id), f"fold{k}.weights.h5")
+    class AtomicOracle(base):
+        def save(self):
+            atomic_json(self._get_oracle_fname(), self.get_state())
 
-        def run_trial(self, trial, *args, **kwargs):
-            try:
-                if self.recorded is None:
-                    return self._run(trial, None)
-                tags = {
-                    "harness.kind": "trial",
-                    "trial_id": trial.trial_id,
-                    "stage": self.hypermodel.stage,
-                    "mlflow.parentRunId": self.parent_run_id,
-                    **{k: str(v) for k, v in trial.hyperparameters.values.items() if k.startswith("tuner/")},
-                }
-                with tracking.run(
-                    f"{self.hypermodel.stage} trial {trial.trial_id}",
-                    nested=True,
-                    run_id=self.recorded.get(trial.trial_id),
-                    tags=tags,
-                ) as active:
-                    return self._run(trial, active.info.run_id)
-            except HarnessError as e:
-                # Bad input is not bad luck: retrying another trial would fail the same way, so the search stops.
-                raise kt.errors.FatalError(str(e)) from e
-            except Exception as e:
-                # Recorded FAILED (by tracking.run) with its error; FailedTrialError makes the tuner count it
-                # towards max_consecutive_failed_trials instead of retrying it forever.
-                raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
+        def _save_trial(self, trial):
+            atomic_json(os.path.join(self._get_trial_dir(trial.trial_id), "trial.json"), trial.get_state())
 
-        def _run(self, trial, run_id: str | None) -> dict:
-            t0 = time.perf_counter()
-            hp, objective = trial.hyperparameters, self.oracle.objective.name
-            seed = self.trial_seed + int(trial.trial_id)
-            keras.backend.clear_session()
-            keras.utils.set_random_seed(seed)
-            values = clean_values(hp.values)
-            hyperband = "tuner/epochs" in hp.values
-            initial = int(hp.values.get("tuner/initial_epoch", 0))
-            epochs = int(hp.values.get("tuner/epochs", self.epochs))
-            models = self.hypermodel.build_folds(hp, len(self.folds))
-            if "tuner/trial_id" in hp.values:
-                for k, m in enumerate(models):
-                    m.load_weights(self.checkpoint(hp.values["tuner/trial_id"], k))
-            results = self.hypermodel.fit_folds(hp, models, self.folds, epochs - initial, seed, objective, hyperband)
-            if hyperband:
-                for k, m in enumerate(models):
-                    m.save_weights(self.checkpoint(trial.trial_id, k))
-            score = fold_objective(results, objective)
-            seconds = time.perf_counter() - t0
-            if run_id is not None:
-                train_s = results[0].seconds
-                mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
-                tracking.log_fit(mean_result(results), offset=initial, run_id=run_id)
-                mlflow.log_metrics(
-                    {
-                        "trial_seconds": seconds,
-                        f"best_{objective}": score.value,
-                        "best_epoch": initial + score.epoch,
-                        "images_per_s": sum(r.n_train for r in results) * (epochs - initial) / train_s,
-                        "folds": len(results),
-                        f"cv_std_{objective}": score.std,
-                        **{f"fold{k}.{objective}": v for k, v in enumerate(score.per_fold)},
-                    }
+    AtomicOracle.__name__ = f"Atomic{base.__name__}"
+    return AtomicOracle
+
+
+class TrackedTuner(kt.Tuner):
+    """Runs each trial itself (the documented `run_trial` hook): builds a model per fold, trains them together with
+    the harness's compiled loop, scores the fold-mean curve, records the trial as one nested MLflow run written in
+    one batch, and returns the objective.
+
+    Resumable: a trial whose run FINISHED is not trained again (its recorded objective is returned, so a trial
+    whose end the tuner state missed is not run twice); a trial whose run was cut short gets a new run in its place.
+    No per-epoch checkpoint files: only Hyperband reads a trial's weights back (to continue it in a later bracket),
+    so only Hyperband trials save theirs, once per fold, at their best epoch."""
+
+    def __init__(
+        self,
+        *args,
+        folds: list[Fold],
+        parent_run_id: str | None,
+        trial_seed: int,
+        epochs: int,
+        deadline: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.folds, self.parent_run_id, self.trial_seed, self.epochs = folds, parent_run_id, trial_seed, epochs
+        self.deadline = deadline
+        # Trials with a run already (a resumed search); None: an untracked search (the nested estimate's).
+        self.recorded = trial_runs(parent_run_id, self.hypermodel.stage) if parent_run_id else None
+
+    def save(self):
+        atomic_json(self._get_tuner_fname(), self.get_state())
+
+    def checkpoint(self, trial_id: str, k: int) -> str:
+        return os.path.join(self.get_trial_dir(trial_id), f"fold{k}.weights.h5")
+
+    def run_trial(self, trial, *args, **kwargs):
+        objective = self.oracle.objective.name
+        try:
+            if self.recorded is None:
+                return self._run(trial, None)
+            done = self.recorded.get(trial.trial_id)
+            if done is not None and done.info.status == "FINISHED" and f"best_{objective}" in done.data.metrics:
+                m = done.data.metrics
+                log.info(
+                    "%s trial %s: recorded already (%s %.4f), not run again",
+                    self.hypermodel.stage,
+                    trial.trial_id,
+                    objective,
+                    m[f"best_{objective}"],
                 )
-            log.info(
-                "%s trial %s: %s %.4f%s in %.1f s  %s",
-                self.hypermodel.stage,
-                trial.trial_id,
-                objective,
-                score.value,
-                f" ± {score.std:.4f} over {len(results)} folds" if len(results) > 1 else "",
-                seconds,
-                values,
+                return {
+                    objective: m[f"best_{objective}"],
+                    "best_epoch": m.get("best_epoch", 0.0),
+                    "cv_std": m.get(f"cv_std_{objective}", 0.0),
+                }
+            if done is not None:  # cut short by a kill or a failure: its partial record makes way for the rerun
+                tracking.client().delete_run(done.info.run_id)
+            tags = {
+                "harness.kind": "trial",
+                "trial_id": trial.trial_id,
+                "stage": self.hypermodel.stage,
+                "mlflow.parentRunId": self.parent_run_id,
+                **{k: str(v) for k, v in trial.hyperparameters.values.items() if k.startswith("tuner/")},
+            }
+            with tracking.run(f"{self.hypermodel.stage} trial {trial.trial_id}", nested=True, tags=tags) as active:
+                return self._run(trial, active.info.run_id)
+        except (HarnessError, OSError) as e:
+            # Bad input or a full disk is not bad luck: another trial would fail the same way, so the search
+            # stops (the trial stays open in the tuner's state and is run again on resume).
+            raise kt.errors.FatalError(str(e)) from e
+        except Exception as e:
+            # Recorded FAILED (by tracking.run) with its error; FailedTrialError makes the tuner count it
+            # towards max_consecutive_failed_trials instead of retrying it forever.
+            raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
+
+    def _run(self, trial, run_id: str | None) -> dict:
+        t0 = time.perf_counter()
+        hp, objective = trial.hyperparameters, self.oracle.objective.name
+        seed = self.trial_seed + int(trial.trial_id)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(seed)
+        values = clean_values(hp.values)
+        hyperband = "tuner/epochs" in hp.values
+        initial = int(hp.values.get("tuner/initial_epoch", 0))
+        epochs = int(hp.values.get("tuner/epochs", self.epochs))
+        models = self.hypermodel.build_folds(hp, len(self.folds))
+        if "tuner/trial_id" in hp.values:
+            for k, m in enumerate(models):
+                m.load_weights(self.checkpoint(hp.values["tuner/trial_id"], k))
+        results = self.hypermodel.fit_folds(hp, models, self.folds, epochs - initial, seed, objective, hyperband)
+        if hyperband:
+            for k, m in enumerate(models):
+                m.save_weights(self.checkpoint(trial.trial_id, k))
+        score = fold_objective(results, objective)
+        seconds = time.perf_counter() - t0
+        if run_id is not None:
+            train_s = results[0].seconds
+            mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
+            tracking.log_fit(mean_result(results), offset=initial, run_id=run_id)
+            mlflow.log_metrics(
+                {
+                    "trial_seconds": seconds,
+                    "best_epoch": initial + score.epoch,
+                    "images_per_s": sum(r.n_train for r in results) * (epochs - initial) / train_s,
+                    "folds": len(results),
+                    f"cv_std_{objective}": score.std,
+                    **{f"fold{k}.{objective}": v for k, v in enumerate(score.per_fold)},
+                }
             )
-            return {objective: score.value, "best_epoch": float(initial + score.epoch), "cv_std": score.std}
+            mlflow.log_metric(f"best_{objective}", score.value)  # last: its presence marks a complete record
+        log.info(
+            "%s trial %s: %s %.4f%s in %.1f s  %s",
+            self.hypermodel.stage,
+            trial.trial_id,
+            objective,
+            score.value,
+            f" ± {score.std:.4f} over {len(results)} folds" if len(results) > 1 else "",
+            seconds,
+            values,
+        )
+        return {objective: score.value, "best_epoch": float(initial + score.epoch), "cv_std": score.std}
 
-        def on_trial_end(self, trial):
-            super().on_trial_end(trial)
-            if self.deadline is not None and time.monotonic() > self.deadline:  # the stage's time budget is spent
-                self.oracle.max_trials = len(self.oracle.trials)
-                log.info("%s stage: time budget spent after %d trials", self.hypermodel.stage, len(self.oracle.trials))
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        if STOP.is_set():  # Ctrl-C: this trial is recorded; no new one starts
+            self.oracle.max_trials = len(self.oracle.trials)
+        elif self.deadline is not None and time.monotonic() > self.deadline:  # the stage's time budget is spent
+            self.oracle.max_trials = len(self.oracle.trials)
+            log.info("%s stage: time budget spent after %d trials", self.hypermodel.stage, len(self.oracle.trials))
 
-    Tracked.__name__ = f"Tracked{base.__name__}"
-    return Tracked
 
-
-def trial_runs(parent_run_id: str, stage: str = "head") -> dict[str, str]:
-    """trial_id -> child run id of one stage's trials already recorded under a search run."""
+def trial_runs(parent_run_id: str, stage: str = "head") -> dict:
+    """trial_id -> the run already recorded for that trial of one stage under a search run (deleted runs aside)."""
     runs = tracking.client().search_runs(
         [mlflow.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`harness.kind` = 'trial'",
+        max_results=50000,
     )
-    return {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("stage", "head") == stage}
+    return {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("stage", "head") == stage}
 
 
 def mark_orphans_killed(parent_run_id: str) -> int:
@@ -302,34 +343,43 @@ def make_tuner(
     deadline: float | None = None,
     tuner: str | None = None,
 ):
-    """A Keras Tuner of the recipe's kind, wrapped by `_tracked`, its state in `project_dir` (resumable)."""
+    """A Keras Tuner search of the recipe's kind (its oracle built here, with atomic state files), tracked in MLflow
+    under `parent_run_id`, its state in `project_dir` (reloaded when `resume`)."""
     kind = tuner or space.tuner
     kwargs = dict(
         objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
         seed=space.seed,
-        directory=str(project_dir.parent),
-        project_name=project_dir.name,
-        overwrite=not resume,
         max_consecutive_failed_trials=space.max_consecutive_failures,
     )
     if kind == "hyperband":
         kwargs.update(max_epochs=epochs, factor=space.hyperband_factor)
     else:
         kwargs.update(max_trials=max_trials)
-    t = _tracked(TUNERS[kind])(
-        hypermodel, folds=folds, parent_run_id=parent_run_id, trial_seed=space.seed, deadline=deadline, **kwargs
+    oracle = _atomic(ORACLES[kind])(**kwargs)
+    return TrackedTuner(
+        oracle=oracle,
+        hypermodel=hypermodel,
+        directory=str(project_dir.parent),
+        project_name=project_dir.name,
+        overwrite=not resume,
+        folds=folds,
+        parent_run_id=parent_run_id,
+        trial_seed=space.seed,
+        epochs=epochs,
+        deadline=deadline,
     )
-    t.epochs = epochs
-    return t
 
 
 def run_search(tuner) -> None:
+    """Run (or continue) a search; bad input and failed writes surface as themselves, and a Ctrl-C that asked for a
+    graceful stop ends it here, after the trial that was running."""
     try:
         tuner.search(verbose=0)  # the tuner holds the prepared data; its trials read their folds from it
     except kt.errors.FatalError as e:
-        if isinstance(e.__cause__, HarnessError):
+        if isinstance(e.__cause__, HarnessError | OSError):
             raise e.__cause__ from None
         raise
+    check_interrupt()
 
 
 @dataclass

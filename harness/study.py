@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -23,6 +24,7 @@ from harness.nested import nested_estimate
 from harness.paths import get_paths
 from harness.prepared import Prepared, prepare
 from harness.recipe import ModelConfig, Recipe
+from harness.resume import StudyLock, atomic_json, changed_parts, check_interrupt, fingerprint
 from harness.search import (
     HeadHyperModel,
     best_of,
@@ -36,21 +38,43 @@ from harness.search import (
 log = logging.getLogger(__name__)
 
 
-def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: int | None = None) -> dict:
+def search_model(
+    recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: int | None = None, restart: bool = False
+) -> dict:
     """Search (head, then fine-tuning when asked), fit the final model, evaluate once, log and register; the floor
-    and the nested estimate follow. Returns a summary."""
+    and the nested estimate follow. Returns a summary.
+
+    Every stage can be resumed: a finished search is skipped; in an interrupted one the tuner continues from its
+    last finished trial, a trial already recorded is not run again, and a final, floor or nested run that was cut
+    short is discarded (with any model version it registered) and done again, so a finished search has exactly one
+    of each."""
     space, tcfg = recipe.search, recipe.training_for(mcfg)
     max_trials = max_trials or space.max_trials
     tracking.setup(recipe.study)
-    prep = prepare(recipe, mcfg)
     project_dir = get_paths().tuner_dir / recipe.study / mcfg.key
     state_file = project_dir.parent / f"{mcfg.key}.parent.json"
+    if restart:
+        forget_search(project_dir, state_file)
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    resumable = resume and state is not None and _run_exists(state["run_id"])
+    if resumable:  # refuse a changed recipe before decoding a single image
+        refuse_changes(recipe, mcfg, state, fingerprint(recipe, mcfg))
+    log.info("Preparing %s: images and backbone features", mcfg.key)
+    prep = prepare(recipe, mcfg)
+    fp = fingerprint(recipe, mcfg, prep)
     parent_id = None
-    if resume and state_file.is_file():
-        parent_id = json.loads(state_file.read_text())["run_id"]
+    if resumable:
+        refuse_changes(recipe, mcfg, state, fp)  # and now the images themselves and the weights file
+        parent_id = state["run_id"]
+        done = finished(parent_id, prep)
+        if done is not None:
+            log.info("%s: finished already (final run %s): skipped", mcfg.key, done["final_run_id"])
+            return done
         mark_orphans_killed(parent_id)
-    elif resume:
-        raise HarnessError(f"nothing to resume for {mcfg.key} in study '{recipe.study}' ({state_file} not found)")
+        discard_unfinished(parent_id)
+    elif state is not None and not resume:
+        log.info("%s: starting a new search (an earlier one exists: --resume continues it instead)", mcfg.key)
+    resuming = parent_id is not None
     mode = "single" if space.cv_folds == 1 else space.final
     ft_cfg = recipe.finetune_for(mcfg)
     tags = {
@@ -59,6 +83,7 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
         "weights": mcfg.weights,
         "tuner": space.tuner,
         "final.mode": mode,
+        "recipe.fingerprint": _fingerprint_digest(fp),
     }
     t0 = time.perf_counter()
     folds = search_folds(prep, space.cv_folds, space.seed)
@@ -70,75 +95,165 @@ def search_model(recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_tr
         f"{len(folds)} folds" if len(folds) > 1 else "train/val split",
         prep.info["feature_cache"],
     )
-    with tracking.run(f"search {mcfg.key}", run_id=parent_id, tags=None if parent_id else tags) as parent:
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"run_id": parent.info.run_id}))
+    with tracking.run(f"search {mcfg.key}", run_id=parent_id, tags=None if resuming else tags) as parent:
         pid = parent.info.run_id
-        if not parent_id:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_json(state_file, {"run_id": pid, "fingerprint": fp})
+        if not resuming:
             tracking.log_context(prep)
             mlflow.log_params(
                 {
                     **tracking.model_params(prep, recipe.head_for(mcfg), tcfg),
                     **tracking.flatten({"search": space.model_dump(mode="json")}),
-                    "search.max_trials_run": max_trials,
                     "search.folds_used": len(folds),
                 }
             )
-        tuner = make_tuner(HeadHyperModel(prep, space), space, project_dir, resume, pid, tcfg.epochs, max_trials, folds)
-        run_search(tuner)
-        found = best_of(tuner, mcfg.key)
-        best, score, epoch = found.values, found.score, found.epoch
-        search_s = time.perf_counter() - t0
-        mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
-        mlflow.log_metrics(
-            {
-                "search_seconds": search_s,
-                "trials_completed": sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values()),
-                "trials_total": len(tuner.oracle.trials),
-                f"best.{space.objective}": score,
-                "best.epoch": epoch,
-                f"best.cv_std_{space.objective}": found.std,
-                "best.folds": len(folds),
-            }
-        )
-        t1 = time.perf_counter()
-        head_cfg, lr = head_from_values(best, space)
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(space.seed)
-        final = fit_final(
-            prep,
-            head_cfg,
-            lr,
-            tcfg,
-            folds,
-            space.seed,
-            space.objective,
-            epochs=epoch + 1 if mode != "single" else None,
-            mode=mode,
-        )
-        stage, ft_best = "head", {}
-        if ft_cfg is not None:
-            final, stage, ft_best = finetune_stage(prep, final, ft_cfg, tcfg, folds, pid, project_dir, resume)
-        result = record_final(prep, final, best, ft_best, stage, pid, score, epoch)
-        t2 = time.perf_counter()
-        if prep.on_features:
+        mlflow.log_metric("search.max_trials_run", max_trials)
+        children = finished_children(pid)
+        if "final" in children:
+            result = summary_of(children["final"])
+            log.info("%s: final model recorded already (run %s)", mcfg.key, result["final_run_id"])
+            best = {k.removeprefix("hp."): v for k, v in children["final"].data.params.items() if k.startswith("hp.")}
+            t1 = t2 = time.perf_counter()
+        else:
+            tuner = make_tuner(
+                HeadHyperModel(prep, space), space, project_dir, resuming, pid, tcfg.epochs, max_trials, folds
+            )
+            run_search(tuner)
+            found = best_of(tuner, mcfg.key)
+            best, score, epoch = found.values, found.score, found.epoch
+            mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
+            mlflow.log_metrics(
+                {
+                    "search_seconds": time.perf_counter() - t0,
+                    "trials_completed": sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values()),
+                    "trials_total": len(tuner.oracle.trials),
+                    f"best.{space.objective}": score,
+                    "best.epoch": epoch,
+                    f"best.cv_std_{space.objective}": found.std,
+                    "best.folds": len(folds),
+                }
+            )
+            t1 = time.perf_counter()
+            head_cfg, lr = head_from_values(best, space)
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(space.seed)
+            final = fit_final(
+                prep,
+                head_cfg,
+                lr,
+                tcfg,
+                folds,
+                space.seed,
+                space.objective,
+                epochs=epoch + 1 if mode != "single" else None,
+                mode=mode,
+            )
+            stage, ft_best = "head", {}
+            if ft_cfg is not None:
+                final, stage, ft_best = finetune_stage(prep, final, ft_cfg, tcfg, folds, pid, project_dir, resuming)
+            check_interrupt()
+            result = record_final(prep, final, best, ft_best, stage, pid, score, epoch)
+            best = {**best, **{k: v for k, v in ft_best.items() if k != "objective"}}
+            t2 = time.perf_counter()
+            mlflow.log_metric("refit_total_seconds", t2 - t1)
+        check_interrupt()
+        if prep.on_features and "baseline" not in children:
             result["baseline"] = baseline(prep, pid)
-        t3 = time.perf_counter()
-        if space.nested_cv:
-            result["nested"] = nested_estimate(prep, pid, space.nested_cv, project_dir, resume)
-        mlflow.log_metrics(
-            {
-                "refit_total_seconds": t2 - t1,
-                "baseline_seconds": t3 - t2,
-                "nested_seconds": time.perf_counter() - t3,
-                "prepare_seconds": prep.info["prepare_seconds"],
-            }
+            mlflow.log_metric("baseline_seconds", time.perf_counter() - t2)
+        check_interrupt()
+        if space.nested_cv and "nested" not in children:
+            t3 = time.perf_counter()
+            result["nested"] = nested_estimate(prep, pid, space.nested_cv, project_dir, resuming)
+            mlflow.log_metric("nested_seconds", time.perf_counter() - t3)
+        mlflow.log_metric("prepare_seconds", prep.info["prepare_seconds"])
+    return {"model": mcfg.key, "parent_run_id": pid, "best": best, **result}
+
+
+def refuse_changes(recipe: Recipe, mcfg: ModelConfig, state: dict, fp: dict) -> None:
+    changed = changed_parts(state.get("fingerprint", {}), fp)
+    if changed:
+        raise HarnessError(
+            f"{recipe.source}: {mcfg.key}: the recipe changed since this search started ({', '.join(changed)}); "
+            f"resuming it would mix two studies: run with --restart to start over, or give the study a new name"
         )
+
+
+def _run_exists(run_id: str) -> bool:
+    try:
+        return tracking.client().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False  # a state file from another store: nothing to continue there
+
+
+def _fingerprint_digest(fp: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def forget_search(project_dir: Path, state_file: Path) -> None:
+    """--restart: the tuner state of this model's searches goes; its MLflow runs stay, as history."""
+    import shutil
+
+    for d in project_dir.parent.glob(f"{project_dir.name}*"):
+        if d.is_dir():
+            shutil.rmtree(d)
+    state_file.unlink(missing_ok=True)
+
+
+def finished_children(parent_run_id: str) -> dict:
+    """kind -> the FINISHED final / baseline / nested run of a search (at most one each survives a resume)."""
+    exp = mlflow.get_run(parent_run_id).info.experiment_id
+    runs = tracking.client().search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    )
     return {
-        "model": mcfg.key,
-        "parent_run_id": pid,
-        "best": {**best, **{k: v for k, v in ft_best.items() if k != "objective"}},
-        **result,
+        r.data.tags["harness.kind"]: r
+        for r in runs
+        if r.data.tags.get("harness.kind") in ("final", "baseline", "nested")
+    }
+
+
+def discard_unfinished(parent_run_id: str) -> None:
+    """Final, floor and nested runs cut short are deleted, with any model version an unfinished final registered,
+    so the resumed search ends with exactly one of each."""
+    c = tracking.client()
+    exp = mlflow.get_run(parent_run_id).info.experiment_id
+    for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        kind = r.data.tags.get("harness.kind")
+        if kind in ("final", "baseline", "nested", "finetune") and r.info.status != "FINISHED":
+            name = r.data.tags.get("registered_model")
+            if name:
+                for v in c.search_model_versions(f"name = '{name}' and run_id = '{r.info.run_id}'"):
+                    c.delete_model_version(name, v.version)
+            c.delete_run(r.info.run_id)
+            log.info("discarded the %s run %s that was cut short; it is done again", kind, r.info.run_id)
+
+
+def finished(parent_run_id: str, prep: Prepared) -> dict | None:
+    """The summary of a search that has every stage the recipe asks for, or None."""
+    parent = mlflow.get_run(parent_run_id)
+    children = finished_children(parent_run_id)
+    needed = (
+        {"final"}
+        | ({"baseline"} if prep.on_features else set())
+        | ({"nested"} if prep.recipe.search.nested_cv else set())
+    )
+    if parent.info.status != "FINISHED" or not needed <= set(children):
+        return None
+    best = {k.removeprefix("best."): v for k, v in parent.data.tags.items() if k.startswith("best.")}
+    return {"model": prep.mcfg.key, "parent_run_id": parent_run_id, "best": best, **summary_of(children["final"])}
+
+
+def summary_of(final_run) -> dict:
+    m = final_run.data.metrics
+    return {
+        "final_run_id": final_run.info.run_id,
+        "registered_model": final_run.data.tags.get("registered_model"),
+        "stage": final_run.data.tags.get("final.stage", "head"),
+        "test": {k.removeprefix("test."): v for k, v in m.items() if k.startswith("test.")},
+        "val": {k.removeprefix("val."): v for k, v in m.items() if k.startswith("val.")},
     }
 
 
@@ -187,7 +302,11 @@ def record_final(
 
 
 def tune(
-    recipe: Recipe, only: list[str] | None = None, resume: bool = False, max_trials: int | None = None
+    recipe: Recipe,
+    only: list[str] | None = None,
+    resume: bool = False,
+    max_trials: int | None = None,
+    restart: bool = False,
 ) -> list[dict]:
     """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`).
 
@@ -213,9 +332,13 @@ def tune(
             c.set_experiment_tag(exp_id, f"harness.skipped.{m.key}", skipped[m.key][:5000])
         elif f"harness.skipped.{m.key}" in c.get_experiment(exp_id).tags:
             c.delete_experiment_tag(exp_id, f"harness.skipped.{m.key}")
-    return [
-        {"model": m.key, "skipped": skipped[m.key]}
-        if m.key in skipped
-        else search_model(recipe, m, resume=resume, max_trials=max_trials)
-        for m in models
-    ]
+    out = []
+    with StudyLock(get_paths().tuner_dir / recipe.study, recipe.study):
+        for m in models:
+            check_interrupt()
+            out.append(
+                {"model": m.key, "skipped": skipped[m.key]}
+                if m.key in skipped
+                else search_model(recipe, m, resume=resume, max_trials=max_trials, restart=restart)
+            )
+    return out

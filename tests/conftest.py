@@ -44,6 +44,7 @@ def write_recipe(path: Path, **changes) -> Path:
     raw["data"]["image_size"] = 32
     raw["training"] = {"epochs": 2, "batch_size": 8, "learning_rate": 0.001}
     raw["search"]["max_trials"] = 2
+    raw["search"]["cv_folds"] = 1  # the single split unless a test asks for folds (test_selection does)
     raw["models"] = [{"task": "task2", "backbone": "efficientnet_lite0", "weights": "imagenet"}]
     for dotted, value in changes.items():
         node = raw

@@ -177,6 +177,8 @@ def test_resume_after_kill(tmp_path, harness_home, mlflow_client):
     assert len(_runs(mlflow_client, "tiny", "final")) == 1
 
 
-def test_resume_without_a_search_is_one_line(tiny_recipe):
-    res = CliRunner().invoke(app, ["tune", str(tiny_recipe), "--resume"])
-    assert res.exit_code == 2 and "nothing to resume" in res.output
+def test_resume_of_a_study_never_started_starts_it(tiny_recipe, mlflow_client):
+    res = CliRunner().invoke(app, ["tune", str(tiny_recipe), "--resume", "--max-trials", "1"])
+    assert res.exit_code == 0, res.output
+    (final,) = _runs(mlflow_client, "tiny", "final")
+    assert final.info.status == "FINISHED"

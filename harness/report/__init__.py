@@ -5,6 +5,7 @@ the models look at (t-SNE by class and by image source)."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from harness.report import figures
 from harness.report.collect import ModelResult, Study, collect
 from harness.report.render import h, img, p, table, to_html, to_markdown
 
+log = logging.getLogger(__name__)
 WEIGHTS_WORDS = {"imagenet": "ImageNet", "none": "random init", "file": "file"}
 
 
@@ -511,6 +513,7 @@ def compare(study: str, out: Path | None = None, expected: list[str] | None = No
     """Build the report of a study from MLflow into `out` (default under HARNESS_HOME), log it, return report.html."""
     from harness.registry import crown_champions
 
+    log.info("Report of study %s", study)
     data = collect(study, expected)  # before setup(), which would create a missing experiment
     tracking.setup(study)
     out = (out or get_paths().reports / study).resolve()

@@ -1,0 +1,166 @@
+"""What lets a study stop and continue: one process per study at a time (a lock file naming the holder's pid and
+host), each search's fingerprint of what it ran on (a resume against a changed recipe is refused, saying what
+changed), the graceful interrupt (Ctrl-C once: finish the current trial, then stop; twice, or SIGTERM: stop now), and
+atomic writes of the small JSON state files a kill must never leave half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+STOP = threading.Event()  # set by the first Ctrl-C: stop at the next trial's end or stage boundary
+
+
+class Interrupted(KeyboardInterrupt):
+    """A graceful stop: what was finished is kept and the study can be resumed."""
+
+
+def atomic_json(path: str | Path, obj) -> None:
+    """Write JSON so that a kill at any moment leaves the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def graceful_interrupts() -> Iterator[None]:
+    """Ctrl-C once asks the study to stop after the current trial; a second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.clear()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt("second Ctrl-C")
+        STOP.set()
+        print(
+            "Ctrl-C: finishing the current trial, then stopping; Ctrl-C again to stop now", file=sys.stderr, flush=True
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP.clear()
+
+
+def check_interrupt() -> None:
+    """At a point where stopping loses nothing (a trial has ended, a stage is done): stop if Ctrl-C asked to."""
+    if STOP.is_set():
+        raise Interrupted("stopped after Ctrl-C")
+
+
+class StudyLock:
+    """`<tuner dir>/<study>/.lock`, created exclusively, holding {pid, host, started, command}. A second process on
+    the same study is refused; a lock left by a process that no longer runs on this host is taken over."""
+
+    def __init__(self, folder: Path, study: str):
+        self.path = folder / ".lock"
+        self.study = study
+        self.held = False
+
+    def __enter__(self) -> StudyLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                    log.warning(
+                        "study '%s': taking over the lock of pid %s, which is no longer running",
+                        self.study,
+                        holder.get("pid"),
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                who = (
+                    f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}"
+                    if holder
+                    else "another process"
+                )
+                raise HarnessError(
+                    f"study '{self.study}' is in use by {who} ({self.path}); wait for it to finish, "
+                    f"or delete the lock file if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise HarnessError(f"{self.path}: could not take the study lock")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(r, m, prep=None) -> dict[str, str]:
+    """What a search's results depend on, part by part, each as a short hash: from the recipe alone (checked before
+    any image is decoded), and with `prep` also the images' contents and the weights file. `search.max_trials` is
+    not in it: raising it on resume runs only the new trials, as Keras Tuner does."""
+    space = r.search.model_dump(mode="json", exclude={"max_trials", "nested_cv", "finetune"})
+    known = {"images": prep.task.content_key(), "weights file": prep.weights.id} if prep is not None else {}
+    return {
+        "data settings": _digest({**r.data.model_dump(mode="json"), "task": r.tasks[m.task].model_dump(mode="json")}),
+        **known,
+        "backbone": _digest({"backbone": m.backbone, "trainable": m.trainable, "weights": m.weights}),
+        "image size": str(r.image_size_for(m)),
+        "search space": _digest(space),
+        "head and training": _digest(
+            {"head": r.head_for(m).model_dump(mode="json"), "training": r.training_for(m).model_dump(mode="json")}
+        ),
+        "fine-tuning": _digest(r.finetune_for(m).model_dump(mode="json") if r.finetune_for(m) else None),
+        "nested estimate": str(r.search.nested_cv),
+        "evaluation": _digest(r.evaluation.model_dump(mode="json")),
+    }
+
+
+def changed_parts(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """The parts of `new` that differ from `old` (parts one of them does not have are not compared)."""
+    return [k for k in new if k in old and old[k] != new[k]]
