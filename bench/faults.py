@@ -43,8 +43,9 @@ def study(recipe: Path, home: Path, cache: Path, kill_at: tuple[str, int, float]
         text=True,
         start_new_session=True,
     )
-    seen = 0
+    seen, lines = 0, []
     for line in proc.stdout:
+        lines.append(line)
         if kill_at and PHASES[kill_at[0]] in line:
             seen += 1
             if seen == kill_at[1]:
@@ -55,7 +56,7 @@ def study(recipe: Path, home: Path, cache: Path, kill_at: tuple[str, int, float]
                     return True, time.time() - t0
     proc.wait()
     if proc.returncode != 0:
-        raise SystemExit(f"the study failed (exit {proc.returncode}) in {home}")
+        raise SystemExit(f"the study failed (exit {proc.returncode}) in {home}:\n{''.join(lines[-40:])}")
     return False, time.time() - t0
 
 

@@ -31,6 +31,10 @@ out = Console()
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (a study).")]
+ModelUriArg = Annotated[
+    str, typer.Argument(help="models:/<name>@champion, models:/<name>/<version>, runs:/<id>/model.")
+]
+ImagePathsArg = Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")]
 
 
 @app.callback()
@@ -273,10 +277,8 @@ def ui(
 @app.command()
 @guarded
 def predict(
-    model_uri: Annotated[
-        str, typer.Argument(help="models:/<name>@champion, models:/<name>/<version> or runs:/<id>/model.")
-    ],
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    model_uri: ModelUriArg,
+    paths: ImagePathsArg,
     out_csv: Annotated[Path | None, typer.Option("--out", help="Also write the table as CSV.")] = None,
 ):
     """Class probabilities for images, decoded as training decoded them (the model's colour policy and size)."""
@@ -295,6 +297,35 @@ def predict(
     if out_csv is not None:
         result.to_csv(out_csv, index=False)
         out.print(f"wrote {len(result)} rows to {out_csv}", highlight=False)
+    if problems:
+        raise typer.Exit(2)
+
+
+@app.command()
+@guarded
+def explain(
+    model_uri: ModelUriArg,
+    paths: ImagePathsArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the overlay PNGs.")] = Path("explain"),
+):
+    """Grad-CAM overlays of the predicted class for images, with how much of each map lies outside the lung field."""
+    from harness.registry import explain_files
+
+    result, problems = explain_files(model_uri, paths, out_dir)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    table = Table(title=f"Grad-CAM of {model_uri}")
+    for col in ("file", "predicted", "p", "outside lung field", "overlay"):
+        table.add_column(col, overflow="fold")
+    for _, row in result.iterrows():
+        table.add_row(
+            row["file"],
+            row["predicted"],
+            f"{row['probability']:.3f}",
+            f"{row['outside_lung_share']:.0%}",
+            row["overlay"],
+        )
+    out.print(table)
     if problems:
         raise typer.Exit(2)
 

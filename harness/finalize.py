@@ -118,7 +118,7 @@ def head_inputs(prep: Prepared, final: FinalModel, k: int) -> np.ndarray:
     maps = extract(
         final.backbones[k],
         SPECS[prep.mcfg.backbone].preprocess,
-        prep.recipe.data.colour,
+        prep.colour,
         prep.task.x,
         label="Embedding images",
     )
@@ -153,6 +153,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
     t0 = time.perf_counter()
     tta = prep.recipe.evaluation.tta
     models = final.full_models(prep) if tta else []
+    full = final.full_model(prep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = []
@@ -184,6 +185,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
                 tta_test = tta_predict(prep, models, t.x[test])
                 out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
                 rows += prediction_rows(t, test, tta_test, "test_tta")
+            log_gradcam(prep, full, test, proba, tmp)
         mlflow.log_metric("test_reads", prep.test_reads)
         mlflow.log_text(json.dumps(rows, indent=0), "predictions.json")
         t1 = time.perf_counter()
@@ -204,11 +206,45 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
         )
         mlflow.log_artifact(str(tmp / "embeddings.npz"))
     t2 = time.perf_counter()
-    log_full_model(prep, final.full_model(prep), register_as)
+    log_full_model(prep, full, register_as)
     mlflow.log_metrics(
         {"evaluate_seconds": t1 - t0, "embed_seconds": t2 - t1, "log_model_seconds": time.perf_counter() - t2}
     )
     return out
+
+
+def log_gradcam(prep: Prepared, model: keras.Model, test: np.ndarray, proba: np.ndarray, tmp: Path) -> None:
+    """Grad-CAM of the final model on the test images: a grid of each class's most confident correct and wrong
+    predictions (map of the predicted class), and per class the share of the map outside the lung field (map of
+    the true class, over the test images of that class)."""
+    from harness.explain import LUNG_BOX, gradcam, grid_figure, outside_share, pick_examples
+
+    t = prep.task
+    y = t.y[test]
+    true_maps = gradcam(model, t.x[test].astype("float32"), y, prep.n_classes)
+    shares = outside_share(true_maps)
+    per_class = {c: float(shares[y == k].mean()) for k, c in enumerate(t.classes) if (y == k).any()}
+    picks = pick_examples(y, proba)
+    idx = np.array([i for i, _ in picks], dtype=int)
+    pred = proba.argmax(axis=1)
+    maps = gradcam(model, t.x[test][idx].astype("float32"), pred[idx], prep.n_classes) if len(idx) else []
+    titles = [
+        f"{kind}: true {t.classes[y[i]]}\npred {t.classes[pred[i]]} (p={proba[i, pred[i]]:.2f})" for i, kind in picks
+    ]
+    grid_figure(t.x[test][idx], maps, titles, tmp / "gradcam.png", title=f"{prep.mcfg.key}: Grad-CAM on test images")
+    mlflow.log_artifact(str(tmp / "gradcam.png"))
+    mlflow.log_text(
+        json.dumps(
+            {
+                "outside_lung_share": per_class,
+                "lung_box": LUNG_BOX,
+                "n": len(test),
+                "examples": [{"file": str(t.files[test[i]]), "kind": kind} for i, kind in picks],
+            }
+        ),
+        "gradcam.json",
+    )
+    mlflow.log_metrics({f"gradcam.outside.{c}": v for c, v in per_class.items()})
 
 
 def log_split_metrics(prep: Prepared, name: str, idx: np.ndarray, proba: np.ndarray, seed: int) -> dict:
@@ -225,7 +261,7 @@ def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) 
         model,
         prep.task.classes,
         prep.image_size,
-        prep.recipe.data.colour,
+        prep.colour,
         register_as,
         study=prep.recipe.study,
         model_key=prep.mcfg.key,

@@ -93,7 +93,7 @@ class FinetuneHyperModel(kt.HyperModel):
             backbone,
             head,
             SPECS[p.mcfg.backbone].preprocess,
-            p.recipe.data.colour,
+            p.colour,
             p.image_size,
             trainable_backbone=False,
             augment=float(values["ft_augment"]),

@@ -37,6 +37,10 @@ class Prepared:
         return self.recipe.image_size_for(self.mcfg)
 
     @property
+    def colour(self) -> str:
+        return self.recipe.colour_for(self.mcfg)
+
+    @property
     def n_classes(self) -> int:
         return len(self.task.classes)
 
@@ -83,14 +87,14 @@ class Prepared:
 def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> Prepared:
     t0 = time.perf_counter()
     size = recipe.image_size_for(mcfg)
-    task = task or prepare_task(recipe, mcfg.task, size)
+    task = task or prepare_task(recipe, mcfg.task, size, recipe.colour_for(mcfg))
     t1 = time.perf_counter()
     backbone, winfo = build_backbone(mcfg.backbone, mcfg.weights, size, recipe.weights_mirror)
     if mcfg.trainable or recipe.training_for(mcfg).augment:
         why = "trainable backbone" if mcfg.trainable else "augmentation"
         feats, info = None, {"feature_cache": f"bypassed ({why})", "extract_seconds": 0.0}
     else:
-        feats, info = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.data.colour)
+        feats, info = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg))
     info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)
     return Prepared(recipe, mcfg, task, backbone, winfo, feats, info)
 
@@ -101,7 +105,7 @@ def full_model(prep: Prepared, head: keras.Model, name: str | None = None) -> ke
         prep.backbone,
         head,
         SPECS[prep.mcfg.backbone].preprocess,
-        prep.recipe.data.colour,
+        prep.colour,
         prep.image_size,
         trainable_backbone=prep.mcfg.trainable,
         augment=prep.recipe.training_for(prep.mcfg).augment,

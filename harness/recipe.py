@@ -182,6 +182,7 @@ class ModelConfig(Strict):
     backbone: Literal[BACKBONES]  # type: ignore[valid-type]
     weights: str = "imagenet"  # imagenet | none | path to a .weights.h5 / .h5 file
     image_size: int | None = Field(None, ge=32, le=1024)  # overrides data.image_size for this model
+    colour: Literal["grey", "rgb"] | None = None  # overrides data.colour: a study can compare the two policies
     # false: when its ImageNet weights can be neither found nor fetched, the study skips this model (and says so)
     # instead of stopping; for the Keras applications whose files a fresh machine may not reach.
     required: bool = True
@@ -239,6 +240,9 @@ class Recipe(Strict):
 
     def finetune_for(self, m: ModelConfig) -> FinetuneSearch | None:
         return m.finetune or self.search.finetune
+
+    def colour_for(self, m: ModelConfig) -> str:
+        return m.colour or self.data.colour
 
     def image_size_for(self, m: ModelConfig) -> int:
         return m.image_size or self.data.image_size or NATIVE_SIZE[m.backbone]

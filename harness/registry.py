@@ -235,12 +235,8 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def predict_files(model_uri: str, paths: list[Path], batch_size: int = 32):
-    """(a table of class probabilities per readable image, one line per image that could not be read). Images are
-    decoded as training decoded them: the model's colour policy and size, from its `model_config`."""
-    import pandas as pd
-
-    from harness.data.images import decode
+def load_for_images(model_uri: str):
+    """(pyfunc model, its model_config) of a harness model, or one line saying why not."""
     from harness.paths import get_paths
 
     mlflow.set_tracking_uri(get_paths().tracking_uri)
@@ -254,9 +250,16 @@ def predict_files(model_uri: str, paths: list[Path], batch_size: int = 32):
             f"{model_uri}: no harness model_config (classes, image_size, colour): logged by an older "
             f"harness; load it with harness.load_model instead"
         )
-    files, problems = image_files(paths)
+    return model, cfg
+
+
+def decode_for(cfg: dict, files: list[Path]) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(readable files, their images as the model's training decoded them, one line per unreadable file)."""
+    from harness.data.images import decode
+    from harness.paths import get_paths
+
     size, colour, cache = int(cfg["image_size"]), cfg.get("colour", "grey"), get_paths().image_cache
-    good, arrays = [], []
+    good, arrays, problems = [], [], []
     for f in files:
         d = decode(f, size, colour, cache, min_side=1, max_pixels=60_000_000)
         if d.problem:
@@ -264,10 +267,55 @@ def predict_files(model_uri: str, paths: list[Path], batch_size: int = 32):
         else:
             good.append(f)
             arrays.append(d.array)
-    frames = [
-        model.predict(np.stack(arrays[i : i + batch_size]).astype("float32")) for i in range(0, len(arrays), batch_size)
-    ]
+    return good, (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), problems
+
+
+def predict_files(model_uri: str, paths: list[Path], batch_size: int = 32):
+    """(a table of class probabilities per readable image, one line per image that could not be read). Images are
+    decoded as training decoded them: the model's colour policy and size, from its `model_config`."""
+    import pandas as pd
+
+    model, cfg = load_for_images(model_uri)
+    files, problems = image_files(paths)
+    good, arrays, unreadable = decode_for(cfg, files)
+    problems += unreadable
+    frames = [model.predict(arrays[i : i + batch_size].astype("float32")) for i in range(0, len(arrays), batch_size)]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cfg["classes"])
     table.insert(0, "file", [str(f) for f in good])
     table["predicted"] = table[list(cfg["classes"])].idxmax(axis=1) if len(table) else []
     return table, problems
+
+
+def explain_files(model_uri: str, paths: list[Path], out_dir: Path):
+    """Grad-CAM overlays (PNG, one per readable image) of the predicted class, and a table of predictions with the
+    share of each map outside the lung field; one line per unreadable file."""
+    import pandas as pd
+    from PIL import Image
+
+    from harness.explain import gradcam, outside_share, overlay
+
+    model, cfg = load_for_images(model_uri)
+    keras_model = model.unwrap_python_model().model
+    files, problems = image_files(paths)
+    good, arrays, unreadable = decode_for(cfg, files)
+    problems += unreadable
+    classes = list(cfg["classes"])
+    rows = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(arrays):
+        proba = model.predict(arrays.astype("float32"))[classes].to_numpy()
+        pred = proba.argmax(axis=1)
+        maps = gradcam(keras_model, arrays.astype("float32"), pred, len(classes))
+        for f, a, cam, k, p, share in zip(good, arrays, maps, pred, proba, outside_share(maps)):
+            target = out_dir / f"{f.stem}.gradcam.png"
+            Image.fromarray(overlay(a, cam)).save(target)
+            rows.append(
+                {
+                    "file": str(f),
+                    "predicted": classes[k],
+                    "probability": float(p[k]),
+                    "outside_lung_share": float(share),
+                    "overlay": str(target),
+                }
+            )
+    return pd.DataFrame(rows, columns=["file", "predicted", "probability", "outside_lung_share", "overlay"]), problems

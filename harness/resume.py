@@ -150,6 +150,7 @@ def fingerprint(r, m, prep=None) -> dict[str, str]:
         "data settings": _digest({**r.data.model_dump(mode="json"), "task": r.tasks[m.task].model_dump(mode="json")}),
         **known,
         "backbone": _digest({"backbone": m.backbone, "trainable": m.trainable, "weights": m.weights}),
+        "colour policy": r.colour_for(m),
         "image size": str(r.image_size_for(m)),
         "search space": _digest(space),
         "head and training": _digest(

@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 
 from harness import tracking
+from harness.audit import audit
 from harness.baseline import baseline
 from harness.errors import HarnessError
 from harness.finalize import FinalModel, finish, fit_final, log_final_fit, registered_name
@@ -36,6 +37,7 @@ from harness.search import (
 )
 
 log = logging.getLogger(__name__)
+STAGE_RUNS = ("final", "baseline", "audit", "nested")  # a search's stages after its trials, one run each
 
 
 def search_model(
@@ -162,6 +164,9 @@ def search_model(
             result["baseline"] = baseline(prep, pid)
             mlflow.log_metric("baseline_seconds", time.perf_counter() - t2)
         check_interrupt()
+        if prep.on_features and "audit" not in children:
+            result["audit"] = audit(prep, pid)
+        check_interrupt()
         if space.nested_cv and "nested" not in children:
             t3 = time.perf_counter()
             result["nested"] = nested_estimate(prep, pid, space.nested_cv, project_dir, resuming)
@@ -208,11 +213,7 @@ def finished_children(parent_run_id: str) -> dict:
     runs = tracking.client().search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"
     )
-    return {
-        r.data.tags["harness.kind"]: r
-        for r in runs
-        if r.data.tags.get("harness.kind") in ("final", "baseline", "nested")
-    }
+    return {r.data.tags["harness.kind"]: r for r in runs if r.data.tags.get("harness.kind") in STAGE_RUNS}
 
 
 def discard_unfinished(parent_run_id: str) -> None:
@@ -222,7 +223,7 @@ def discard_unfinished(parent_run_id: str) -> None:
     exp = mlflow.get_run(parent_run_id).info.experiment_id
     for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
         kind = r.data.tags.get("harness.kind")
-        if kind in ("final", "baseline", "nested", "finetune") and r.info.status != "FINISHED":
+        if kind in (*STAGE_RUNS, "finetune") and r.info.status != "FINISHED":
             name = r.data.tags.get("registered_model")
             if name:
                 for v in c.search_model_versions(f"name = '{name}' and run_id = '{r.info.run_id}'"):
@@ -237,7 +238,7 @@ def finished(parent_run_id: str, prep: Prepared) -> dict | None:
     children = finished_children(parent_run_id)
     needed = (
         {"final"}
-        | ({"baseline"} if prep.on_features else set())
+        | ({"baseline", "audit"} if prep.on_features else set())
         | ({"nested"} if prep.recipe.search.nested_cv else set())
     )
     if parent.info.status != "FINISHED" or not needed <= set(children):

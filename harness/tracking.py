@@ -123,7 +123,11 @@ def model_params(prep, head_cfg, tcfg) -> dict[str, str]:
         {
             "data": r.data.model_dump(mode="json"),
             "task": {"name": m.task, **r.tasks[m.task].model_dump(mode="json")},
-            "model": {**m.model_dump(mode="json", exclude={"head", "training"}), "image_size": prep.image_size},
+            "model": {
+                **m.model_dump(mode="json", exclude={"head", "training"}),
+                "image_size": prep.image_size,
+                "colour": prep.colour,
+            },
             "head": head_cfg.model_dump(mode="json"),
             "training": tcfg.model_dump(mode="json"),
         }

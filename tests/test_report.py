@@ -15,12 +15,15 @@ from conftest import write_recipe
 
 SECTIONS = [
     "Summary",
+    "Champions",
     "Against the floor",
     "Pairwise comparison on the same test images",
     "Confusion matrices (test)",
     "Training curves",
     "t-SNE of penultimate-layer features",
     "Tuning overview",
+    "Where the models look (Grad-CAM)",
+    "Source audit",
     "Device and timing",
     "Data",
 ]

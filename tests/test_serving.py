@@ -237,3 +237,17 @@ def test_predict_reads_a_folder_and_names_each_unreadable_file(served_study, tmp
 def test_predict_with_an_unknown_model_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["predict", "models:/nope@champion", str(tmp_path)])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "models:/nope@champion: cannot load" in res.output
+
+
+@pytest.mark.slow
+def test_explain_writes_an_overlay_per_image_with_its_lung_field_share(served_study, tmp_path):
+    res = CliRunner().invoke(
+        app, ["explain", "models:/tiny-task2@champion", str(served_study["images"]), "--out", str(tmp_path / "cams")]
+    )
+    assert res.exit_code == 0, res.output
+    files = sorted(served_study["images"].iterdir())
+    overlays = sorted((tmp_path / "cams").glob("*.gradcam.png"))
+    assert [o.name for o in overlays] == [f"{f.stem}.gradcam.png" for f in files]
+    assert Image.open(overlays[0]).size == Image.open(files[0]).size
+    colour = np.asarray(Image.open(overlays[0])).astype(int)
+    assert np.abs(colour[..., 0] - colour[..., 2]).max() > 0  # a colour map laid over a grey image

@@ -39,6 +39,8 @@ class TaskData:
     train_root: Path
     skipped: list[str] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)  # original file format per image (JPEG, PNG...)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height) per image
 
     def content_key(self) -> str:
         """Changes whenever any image's bytes, label or the class list change."""
@@ -66,17 +68,19 @@ def data_root(recipe: Recipe) -> Path:
     return recipe.source.parent if recipe.source else Path.cwd()
 
 
-def _decode_all(items: list[Item], recipe: Recipe, size: int, label: str) -> list[Decoded]:
+def _decode_all(items: list[Item], recipe: Recipe, size: int, colour: str, label: str) -> list[Decoded]:
     d, cache = recipe.data, get_paths().image_cache
     return [
-        decode(it.path, size, d.colour, cache, d.min_side, d.max_pixels)
+        decode(it.path, size, colour, cache, d.min_side, d.max_pixels)
         for it in track(items, description=label, transient=True)
     ]
 
 
-def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None) -> TaskData:
-    """The task's images decoded at `image_size` (default the recipe's, else 224 px), labelled and split."""
+def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None, colour: str | None = None) -> TaskData:
+    """The task's images decoded at `image_size` (default the recipe's, else 224 px) with a colour policy (default
+    the recipe's), labelled and split."""
     size = image_size or recipe.data.image_size or 224
+    colour = colour or recipe.data.colour
     task = recipe.tasks[task_name]
     root = data_root(recipe)
     train_root = task.train_dir if task.train_dir.is_absolute() else root / task.train_dir
@@ -97,7 +101,7 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None) 
     if any("folder not found" in p or "at least two class" in p or "empty class" in p for p in problems):
         raise HarnessError(f"task '{task_name}' in {recipe.source}: " + "; ".join(problems))
     all_items = items + test_items
-    decoded = _decode_all(all_items, recipe, size, f"Checking {len(all_items)} images of {task_name}")
+    decoded = _decode_all(all_items, recipe, size, colour, f"Checking {len(all_items)} images of {task_name}")
     problems += [dec.problem for dec in decoded if dec.problem]
     if problems and recipe.data.on_bad_file == "fail":
         head = f"{len(problems)} data problem(s) in task '{task_name}' (data.on_bad_file: fail in {recipe.source}):"
@@ -128,6 +132,8 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None) 
         files=files,
         sha1s=sha1s,
         modes=[decoded[i].mode for i in keep],
+        formats=[decoded[i].format for i in keep],
+        sizes=[(decoded[i].width, decoded[i].height) for i in keep],
         splits=splits,
         groups=groups,
         test_source=test_source,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-CACHE_VERSION = "v1"  # bump when the decoding below changes, so stale cached arrays are never reused
+CACHE_VERSION = "v2"  # bump when the decoding below changes, so stale cached arrays are never reused
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Decoded:
     width: int
     height: int
     problem: str | None = None
+    format: str = "?"  # the file's format (JPEG, PNG...): with mode and size, the image's source signature
 
 
 def to_grey_or_rgb(img: Image.Image, colour: str) -> Image.Image:
@@ -66,14 +67,14 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
     cached = cache_dir / CACHE_VERSION / f"{size}-{colour}" / sha1[:2] / f"{sha1}.npz"
     if cached.is_file():
         with np.load(cached) as z:
-            return Decoded(z["a"], sha1, str(z["mode"]), int(z["w"]), int(z["h"]))
+            return Decoded(z["a"], sha1, str(z["mode"]), int(z["w"]), int(z["h"]), format=str(z["fmt"]))
     Image.MAX_IMAGE_PIXELS = max_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                mode, (w, h) = img.mode, img.size
+                mode, (w, h), fmt = img.mode, img.size, img.format or path.suffix.lstrip(".").upper()
                 if w * h > max_pixels:
                     return Decoded(None, sha1, mode, w, h, f"{path}: {w}x{h} exceeds the {max_pixels} pixel limit")
                 if min(w, h) < min_side:
@@ -92,6 +93,6 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
         return Decoded(None, sha1, "?", 0, 0, f"{path}: corrupt or truncated image ({e})")
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, a=arr, mode=np.array(mode), w=np.array(w), h=np.array(h))
+    np.savez(tmp, a=arr, mode=np.array(mode), w=np.array(w), h=np.array(h), fmt=np.array(fmt))
     tmp.replace(cached)  # atomic: a killed run never leaves a half-written cache entry
-    return Decoded(arr, sha1, mode, w, h)
+    return Decoded(arr, sha1, mode, w, h, format=fmt)

@@ -248,6 +248,158 @@ def _champions(study: Study) -> list:
     ]
 
 
+def _gradcam(models: list[ModelResult], out: Path) -> list:
+    from harness.explain import LUNG_BOX, OUTSIDE_FLAG
+
+    blocks, rows = [], []
+    for m in [m for m in models if m.gradcam]:
+        if m.gradcam_png:
+            path = out / f"gradcam-{m.key}.png"
+            path.write_bytes(m.gradcam_png)
+            blocks.append(
+                img(
+                    path,
+                    f"Grad-CAM of {m.key}: per class its most confident correct and wrong test "
+                    f"prediction (map of the predicted class; white box: the lung field)",
+                )
+            )
+        for c, share in sorted(m.gradcam["outside_lung_share"].items()):
+            rows.append(
+                [
+                    m.key,
+                    c,
+                    _f(share, 2),
+                    "mostly outside the lung field: look at the overlays for borders, text or markers"
+                    if share > OUTSIDE_FLAG
+                    else "mostly inside",
+                ]
+            )
+    if not rows:
+        return []
+    left, top, right, bottom = LUNG_BOX
+    return [
+        h("Where the models look (Grad-CAM)", 2),
+        p(
+            f"Grad-CAM of each final model on its test images. The lung field is a fixed central box: "
+            f"{left:.0%}-{right:.0%} of the width and {top:.0%}-{bottom:.0%} of the height. For each class, the share "
+            f"of the map (for that class, over the test images of that class) outside the box; above "
+            f"{OUTSIDE_FLAG:.0%}, the model's evidence for the class lies mostly outside the lungs."
+        ),
+        table(["model", "class", "Grad-CAM share outside the lung field", "reading"], rows, "gradcam"),
+        *blocks,
+    ]
+
+
+def _audit(models: list[ModelResult], computed: dict) -> list:
+    from harness.audit import REACHES
+
+    blocks = []
+    for task in sorted({m.task for m in models}):
+        ms = [m for m in models if m.task == task and m.audit]
+        if not ms:
+            continue
+        a = ms[0].audit  # the metadata part depends only on the task's images
+        meta = a["meta"]
+        best = max(computed[m.key].get("accuracy", 0.0) for m in ms)
+        rows = [
+            [
+                m.key,
+                _f(computed[m.key].get("accuracy")),
+                f"{_f(m.audit['source_from_features']['accuracy'])} (majority {_f(m.audit['source_majority'])})"
+                if "source_from_features" in m.audit
+                else "one source only",
+            ]
+            for m in ms
+        ]
+        words = (
+            f"Metadata alone reaches the models' accuracy ({_f(meta['accuracy'])} against at best "
+            f"{_f(best)} on test): this data cannot tell disease from source, and these models' scores say "
+            f"nothing about disease."
+            if meta["accuracy"] >= best - REACHES
+            else f"Metadata alone stays below the models ({_f(meta['accuracy'])} against {_f(best)})."
+        )
+        flagged = [c for c, v in a["meta_per_class"].items() if v["recall"] >= 0.9 and v["precision"] >= 0.9]
+        if flagged:
+            words += f" The source signature alone identifies {', '.join(flagged)} (recall and precision at least 0.9)."
+        blocks += [
+            h(f"Task {task}", 3),
+            p(
+                f"Source signature only ({', '.join(a['signature'])}), a random forest, cross-validated on "
+                f"train+validation (n={meta['n']}): accuracy {_f(meta['accuracy'])} [exact 95% CI "
+                f"{_f(meta['accuracy_cp_low'])}, {_f(meta['accuracy_cp_high'])}]; per class recall "
+                + ", ".join(f"{c} {_f(v['recall'], 2)}" for c, v in a["meta_per_class"].items())
+                + ". "
+                + words
+            ),
+            table(
+                ["model", "test accuracy", "source (colour mode) from its backbone features, CV accuracy"],
+                rows,
+                f"audit-{task}",
+            ),
+        ]
+    if not blocks:
+        return []
+    return [
+        h("Source audit", 2),
+        p(
+            "How far the image's source explains the labels: a classifier on file metadata alone, and how well each "
+            "backbone's features recognise the source (the original colour mode)."
+        ),
+        *blocks,
+    ]
+
+
+def _colour(models: list[ModelResult], computed: dict) -> list:
+    """Models of one task and backbone that differ only by colour policy, side by side."""
+    rows = []
+    for a, b in itertools.combinations(models, 2):
+        ca, cb = (m.params.get("model.colour") or m.params.get("data.colour") for m in (a, b))
+        if a.task != b.task or a.backbone != b.backbone or ca == cb or None in (ca, cb):
+            continue
+        grey, rgb = (a, b) if ca == "grey" else (b, a)
+        res = paired(grey.split("test"), rgb.split("test"))
+        src = [
+            f"{_f(m.audit['source_from_features']['accuracy'])}"
+            if m.audit and "source_from_features" in m.audit
+            else "—"
+            for m in (grey, rgb)
+        ]
+        rows.append(
+            [
+                grey.task,
+                grey.backbone,
+                f"{grey.key}: {_f(computed[grey.key].get('accuracy'))}",
+                f"{rgb.key}: {_f(computed[rgb.key].get('accuracy'))}",
+                src[0],
+                src[1],
+                _f(res["p_value"], 4) if res else "—",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        h("Colour policy: greyscale against RGB", 2),
+        p(
+            "The same task and backbone with images converted to greyscale (the default) and kept in colour. In this "
+            "data colour mode marks the source: a gain from colour is a gain from the shortcut, which the backbone's "
+            "ability to recognise the source (the colour mode) from its features shows."
+        ),
+        table(
+            [
+                "task",
+                "backbone",
+                "greyscale: test accuracy",
+                "RGB: test accuracy",
+                "source from features (grey)",
+                "source from features (RGB)",
+                "exact McNemar p",
+            ],
+            rows,
+            "colour",
+        ),
+    ]
+
+
 def _mcnemar(models: list[ModelResult]) -> list:
     rows = []
     for a, b in itertools.combinations(models, 2):
@@ -423,7 +575,8 @@ def _data(models: list[ModelResult]) -> list:
             table(["split"] + d["classes"] + ["total"], rows, f"counts-{task}"),
             p(
                 f"Test split: {d['test_source']}. Preprocessing: {m.params.get('model.image_size')} px, colour "
-                f"policy '{m.params.get('data.colour')}' (greyscale replicated to 3 channels by default), the "
+                f"policy '{m.params.get('model.colour') or m.params.get('data.colour')}' (greyscale replicated to 3 "
+                f"channels by default), the "
                 f"backbone's own input scaling inside the model. Original colour modes per class: "
                 + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in md.items()) for c, md in d["modes"].items())
             ),
@@ -467,6 +620,7 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
         + _summary(models, computed)
         + _champions(study)
         + _floor(models, computed)
+        + _colour(models, computed)
         + _nested(models, computed)
         + _mcnemar(models)
     )
@@ -505,7 +659,8 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
                 f"top-trials-{m.key}",
             )
         )
-    blocks += _finetune(models) + _timing(models, study) + _data(models)
+    blocks += _finetune(models) + _gradcam(models, out) + _audit(models, computed) + _timing(models, study)
+    blocks += _data(models)
     return blocks, computed
 
 

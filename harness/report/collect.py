@@ -30,6 +30,9 @@ class ModelResult:
     baseline: Run | None = None  # logistic regression on pooled features of the same search
     baseline_predictions: list[dict] = field(default_factory=list)
     nested: Run | None = None  # the nested cross-validation estimate of the search procedure, when run
+    audit: dict | None = None  # the source audit of the model's task and backbone (audit.json)
+    gradcam: dict | None = None  # Grad-CAM on the test images: outside-lung shares per class (gradcam.json)
+    gradcam_png: bytes | None = None  # the grid of the most confident right and wrong test images
 
     @property
     def head_trials(self) -> list[dict]:
@@ -131,6 +134,8 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
             children = [b for b in runs if parent_id and b.data.tags.get("mlflow.parentRunId") == parent_id]
             base = [b for b in children if b.data.tags.get("harness.kind") == "baseline"]
             nested = [b for b in children if b.data.tags.get("harness.kind") == "nested"]
+            audits = [b for b in children if b.data.tags.get("harness.kind") == "audit"]
+            artifacts = {a.path for a in client.list_artifacts(rid)}
             models.append(
                 ModelResult(
                     key=key,
@@ -148,6 +153,11 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                     if base
                     else [],
                     nested=nested[0] if nested else None,
+                    audit=_artifact_json(client, audits[0].info.run_id, "audit.json", sub) if audits else None,
+                    gradcam=_artifact_json(client, rid, "gradcam.json", sub) if "gradcam.json" in artifacts else None,
+                    gradcam_png=Path(client.download_artifacts(rid, "gradcam.png", str(sub))).read_bytes()
+                    if "gradcam.png" in artifacts
+                    else None,
                 )
             )
     skipped = {k.removeprefix("harness.skipped."): v for k, v in exp.tags.items() if k.startswith("harness.skipped.")}
