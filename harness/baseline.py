@@ -5,8 +5,6 @@ with the same patient grouping as every other split)."""
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -16,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from harness import tracking
 from harness.data.splits import cv_folds
-from harness.evaluate import metrics, prediction_rows
+from harness.evaluate import log_predictions, metrics, prediction_rows
 from harness.prepared import Prepared
 
 
@@ -52,5 +50,5 @@ def baseline(prep: Prepared, parent_run_id: str) -> dict:
             out["test"] = m
             mlflow.log_metrics({f"test.{k}": v for k, v in m.items() if np.isfinite(v)})
             rows = prediction_rows(t, test_idx, proba, "test")
-        mlflow.log_text(json.dumps(rows, indent=0), "predictions.json")
+        log_predictions(rows)
     return out

@@ -56,11 +56,11 @@ def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     prep = prepare(recipe, mcfg)
     head_cfg, tcfg = recipe.head_for(mcfg), recipe.training_for(mcfg)
     t0 = time.perf_counter()
-    extract(prep.backbone, SPECS[mcfg.backbone].preprocess, prep.colour, prep.task.x, label="Timing extraction")
+    extract(prep.backbone, SPECS[mcfg.backbone].preprocess, prep.colour, prep.task, label="Timing extraction")
     extract_s = time.perf_counter() - t0
     splits = prep.task.splits
     runs = {}
-    for name, p in (("cached", prep), ("raw", dataclasses.replace(prep, feats=None))):
+    for name, p in (("cached", prep), ("raw", dataclasses.replace(prep, features=None))):
         keras.utils.set_random_seed(0)
         model, _ = p.build(head_cfg)
         runs[name] = fit_on(

@@ -87,8 +87,32 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     }
 
 
+PREDICTIONS = "predictions.csv.gz"  # per-image predictions: a compressed table, readable at tens of thousands of rows
+
+
+def log_predictions(rows: list[dict], name: str = PREDICTIONS) -> None:
+    """The rows as a gzip-compressed CSV artifact of the active run."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        pd.DataFrame(rows).to_csv(path, index=False, compression="gzip")
+        mlflow.log_artifact(str(path))
+
+
+def read_predictions(client, run_id: str, folder: str, name: str = PREDICTIONS) -> list[dict]:
+    import pandas as pd
+
+    local = client.download_artifacts(run_id, name, folder)
+    table = pd.read_csv(local, compression="gzip", keep_default_na=False)
+    return table.to_dict(orient="records")
+
+
 def prediction_rows(task, idx: np.ndarray, proba: np.ndarray, split: str) -> list[dict]:
-    """Per-image predictions as logged (`predictions.json`) and read back by the report: file, split, true and
+    """Per-image predictions as logged (`predictions.csv.gz`) and read back by the report: file, split, true and
     predicted class, the original colour mode and one probability column per class."""
     pred = proba.argmax(axis=1)
     return [

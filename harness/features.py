@@ -1,14 +1,26 @@
-"""Feature cache: a frozen backbone's outputs are computed once per (images, backbone, weights, size, preprocessing)
-and stored on disk, so every trial and epoch trains only the head (measured ~150x faster than running VGG19 each epoch).
+"""Feature store: a frozen backbone's outputs, computed once per image and kept on disk, so every trial and epoch
+trains only the head (measured ~100x faster than running VGG19 each epoch) and a study never extracts an image twice.
 
-The key hashes the task's image contents and labels, the backbone, its weights file hash, image size and colour policy,
-so a changed image or setting can never reuse stale features. Whether a run hit or missed is its `feature_cache` tag.
+Entries are per image, addressed by the image's content hash inside a shelf for (backbone, weights file hash, image
+size, colour policy, preprocessing, store version): Task 1, whose images are a subset of Task 2's, extracts nothing
+after Task 2, and ten new images in a folder extract ten. An entry is one `.npz` holding the average-pooled vector
+(float32) beside the whole feature map (float16: half the disk, and a head casts its batches back to float32), so
+average-pooled heads read a few KB an image and never the maps. A zip's CRC catches a corrupt entry and a truncated
+one fails to open: either is extracted again, never used. Extraction streams: images are decoded ahead of use by a
+small thread pool while the backbone runs on the previous batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from rich.progress import Progress
@@ -18,27 +30,22 @@ from harness.models.backbones import SPECS, WeightsInfo
 from harness.models.layers import preprocessing
 from harness.paths import get_paths
 
-FEATURE_VERSION = "v2"  # v2: preprocessing as the in-model affine layer (differs from v1 by <1e-5)
+log = logging.getLogger(__name__)
+FEATURE_VERSION = "v3"  # v3: per-image entries (v2: the in-model affine preprocessing)
+BAD_ENTRY = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)  # what a broken entry raises
 
 
-def cache_key(task: TaskData, backbone: str, weights: WeightsInfo, image_size: int, colour: str) -> str:
-    parts = [
-        FEATURE_VERSION,
-        task.content_key(),
-        backbone,
-        weights.id,
-        str(image_size),
-        colour,
-        SPECS[backbone].preprocess,
-    ]
+def shelf_key(backbone: str, weights: WeightsInfo, image_size: int, colour: str) -> str:
+    parts = [FEATURE_VERSION, backbone, weights.id, str(image_size), colour, SPECS[backbone].preprocess]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20]
 
 
-def extract(
-    backbone_model, preprocess: str, colour: str, x: np.ndarray, batch_size: int = 32, label: str = "Extracting"
-) -> np.ndarray:
-    """Backbone outputs for uint8 images, through the same preprocessing layer as the logged model, batched through
-    a tf.function (faster than model.predict here)."""
+def entry_path(shelf: Path, sha1: str) -> Path:
+    return shelf / sha1[:2] / f"{sha1}.npz"
+
+
+def forward_fn(backbone_model, preprocess: str, colour: str):
+    """The backbone behind the model's own preprocessing layer, compiled once."""
     import tensorflow as tf
 
     pre = preprocessing(preprocess, colour)
@@ -47,34 +54,153 @@ def extract(
     def forward(batch):
         return backbone_model(pre(batch), training=False)
 
+    return forward
+
+
+def extract(
+    backbone_model,
+    preprocess: str,
+    colour: str,
+    task: TaskData,
+    idx=None,
+    batch_size: int = 32,
+    label: str = "Extracting",
+    on_batch=None,
+) -> np.ndarray | None:
+    """Backbone outputs (feature maps) for images `idx` of a task (default all), streamed: decoding of the next
+    batches overlaps the backbone's work on this one. With `on_batch(positions, maps)` nothing is kept and None is
+    returned (the store writes as it goes); otherwise the maps come back as one array."""
+    import tensorflow as tf
+
+    idx = np.arange(len(task.y)) if idx is None else np.asarray(idx, dtype=int)
+    forward = forward_fn(backbone_model, preprocess, colour)
     out = []
     with Progress(transient=True) as progress:
-        job = progress.add_task(label, total=len(x))
-        for i in range(0, len(x), batch_size):
-            out.append(forward(tf.convert_to_tensor(x[i : i + batch_size])).numpy())
-            progress.advance(job, len(x[i : i + batch_size]))
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        job = progress.add_task(label, total=len(idx))
+        for pos, images in task.batches(idx, batch_size):
+            maps = forward(tf.constant(images)).numpy()
+            if on_batch is not None:
+                on_batch(pos, maps)
+            else:
+                out.append(maps)
+            progress.advance(job, len(pos))
+    if on_batch is not None:
+        return None
+    return np.concatenate(out) if out else np.zeros((0,) + tuple(backbone_model.output.shape[1:]), np.float32)
+
+
+@dataclass
+class Features:
+    """A task's features from the store: pooled vectors in memory, maps read from disk only when asked for."""
+
+    shelf: Path
+    sha1s: list[str]
+    pooled: np.ndarray  # (N, C) float32
+    map_shape: tuple
+    info: dict = field(default_factory=dict)
+    reextract: Callable[[list[int]], None] | None = None  # extracts the entries of these images again
+    _maps: np.ndarray | None = None
+
+    @property
+    def maps(self) -> np.ndarray:
+        """(N, H, W, C) float16, memory-mapped: gathered once from the entries into one file of the task's own."""
+        if self._maps is None:
+            digest = hashlib.sha1("".join(self.sha1s).encode()).hexdigest()[:16]
+            path = self.shelf / "tasks" / f"{digest}.npy"
+            shape = (len(self.sha1s), *self.map_shape)
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                mm = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
+                broken = [i for i, sha1 in enumerate(self.sha1s) if not _read_maps(self.shelf, sha1, mm, i)]
+                if broken:  # a map whose bytes fail their CRC: extracted again, never used
+                    log.warning("feature store: %d broken entries, extracting them again", len(broken))
+                    self.reextract(broken)
+                    assert all(_read_maps(self.shelf, self.sha1s[i], mm, i) for i in broken)
+                mm.flush()
+                del mm
+                os.replace(tmp, path)
+            self._maps = np.load(path, mmap_mode="r")
+        return self._maps
+
+
+def _read_pooled(shelf: Path, sha1: str) -> np.ndarray | None:
+    """An entry's pooled vector, or None when it is missing, truncated (the zip does not open) or corrupt (the
+    member fails its CRC when read); the maps are not read, so avg heads never touch them."""
+    path = entry_path(shelf, sha1)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return z["pooled"]
+    except BAD_ENTRY:
+        return None
+
+
+def _read_maps(shelf: Path, sha1: str, into: np.ndarray, i: int) -> bool:
+    try:
+        with np.load(entry_path(shelf, sha1)) as z:
+            into[i] = z["maps"]
+        return True
+    except BAD_ENTRY:
+        return False
+
+
+def _write(shelf: Path, sha1: str, maps: np.ndarray) -> np.ndarray:
+    path = entry_path(shelf, sha1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pooled = maps.mean(axis=(0, 1)).astype(np.float32) if maps.ndim == 3 else maps.astype(np.float32)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, pooled=pooled, maps=maps.astype(np.float16))
+    os.replace(tmp, path)  # atomic: a killed extraction never leaves half an entry
+    return pooled
 
 
 def features_for(
     task: TaskData, backbone_name: str, backbone_model, weights: WeightsInfo, image_size: int, colour: str
-) -> tuple[np.ndarray, dict]:
-    """All of the task's images through the frozen backbone: (features aligned with task.x, cache info)."""
-    key = cache_key(task, backbone_name, weights, image_size, colour)
-    path = get_paths().feature_cache / f"{key}.npy"
-    if path.is_file():
-        return np.load(path), {"feature_cache": "hit", "extract_seconds": 0.0}
+) -> tuple[Features, dict]:
+    """Every image of the task through the frozen backbone, from the store; the images it lacks (or holds broken)
+    are extracted and added. Info: feature_cache hit | miss | partial, extracted (images), extract_seconds."""
+    shelf = get_paths().feature_cache / shelf_key(backbone_name, weights, image_size, colour)
+    map_shape = tuple(backbone_model.output.shape[1:])
+    pooled = np.zeros((len(task.sha1s), map_shape[-1]), np.float32)
+    missing = []
+    seen: dict[str, np.ndarray] = {}
+    for i, sha1 in enumerate(task.sha1s):
+        vec = seen.get(sha1)
+        if vec is None:
+            vec = _read_pooled(shelf, sha1)
+        if vec is None:
+            missing.append(i)
+        else:
+            pooled[i] = seen.setdefault(sha1, vec)
     t0 = time.perf_counter()
-    feats = extract(
-        backbone_model,
-        SPECS[backbone_name].preprocess,
-        colour,
-        task.x,
-        label=f"Extracting {backbone_name} features ({len(task.x)} images)",
-    )
-    dt = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats.astype(np.float32))
-    tmp.replace(path)
-    return feats, {"feature_cache": "miss", "extract_seconds": dt}
+
+    def reextract(images: list[int]) -> int:
+        """Extract these images' entries (once per distinct image: exact duplicates share one) into the store."""
+        where: dict[str, list[int]] = {}
+        for i in images:
+            where.setdefault(task.sha1s[i], []).append(i)
+        todo = np.array(sorted(ix[0] for ix in where.values()))
+
+        def store(pos, maps):
+            for p, m in zip(pos, maps):
+                pooled[where[task.sha1s[todo[p]]]] = _write(shelf, task.sha1s[todo[p]], m)
+
+        extract(
+            backbone_model,
+            SPECS[backbone_name].preprocess,
+            colour,
+            task,
+            todo,
+            on_batch=store,
+            label=f"Extracting {backbone_name} features ({len(todo)} of {len(task.sha1s)} images)",
+        )
+        return len(todo)
+
+    extracted = reextract(missing) if missing else 0
+    if 0 < extracted < len(set(task.sha1s)):
+        log.info("feature store: %d of %d images extracted, the rest read", extracted, len(set(task.sha1s)))
+    state = "hit" if not missing else ("miss" if len(missing) == len(task.sha1s) else "partial")
+    info = {"feature_cache": state, "extracted": extracted, "extract_seconds": time.perf_counter() - t0}
+    return Features(shelf, list(task.sha1s), pooled, map_shape, info, reextract=reextract), info

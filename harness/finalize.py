@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 
 from harness import tracking
-from harness.evaluate import as_proba, confusion_figure, metrics, prediction_rows
+from harness.evaluate import as_proba, confusion_figure, log_predictions, metrics, prediction_rows
 from harness.features import extract
 from harness.fit import FitResult, Fold, fit_on, optimizer_factory, predict
 from harness.models.backbones import SPECS
@@ -28,6 +28,8 @@ from harness.prepared import Prepared, full_model, refresh_backbone
 from harness.recipe import HeadConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
+EMBED_SAMPLE = 2000  # images whose penultimate features are logged for the report's t-SNE (stratified)
+GRADCAM_SAMPLE = 400  # test images whose Grad-CAM gives the lung-field shares (stratified)
 
 
 @dataclass
@@ -111,23 +113,32 @@ def fit_final(
     )
 
 
-def head_inputs(prep: Prepared, final: FinalModel, k: int) -> np.ndarray:
-    """What member k's head sees for every image of the task: the cached features, or its own backbone's output."""
+def head_inputs(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
+    """What member k's head sees for images `idx`: the cached features, or its own backbone's output."""
     if not final.on_images:
-        return prep.take(np.arange(len(prep.task.y)), final.pooling)[0]
+        return prep.take(idx, final.pooling)[0]
     maps = extract(
-        final.backbones[k],
-        SPECS[prep.mcfg.backbone].preprocess,
-        prep.colour,
-        prep.task.x,
-        label="Embedding images",
+        final.backbones[k], SPECS[prep.mcfg.backbone].preprocess, prep.colour, prep.task, idx, label="Embedding images"
     )
     return maps.mean(axis=(1, 2)) if len(final.heads[k].input.shape) == 2 else maps
 
 
 def member_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
-    x = prep.task.x[idx] if final.on_images else prep.take(idx, final.pooling)[0]
-    return as_proba(predict(final.members[k], x), prep.n_classes)
+    source = prep.task.x if final.on_images else prep.source(final.pooling)
+    return as_proba(predict(final.members[k], source, idx=idx), prep.n_classes)
+
+
+def sample(y: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most n of the images idx, stratified by class (each class in proportion, at least one), seeded; all of
+    them when there are no more than n."""
+    idx = np.asarray(idx)
+    if len(idx) <= n:
+        return idx
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.choice(idx[y[idx] == c], max(1, round(n * np.mean(y[idx] == c))), replace=False) for c in np.unique(y[idx])
+    ]
+    return np.sort(np.concatenate(picked))
 
 
 def tta_predict(prep: Prepared, models: list[keras.Model], images: np.ndarray) -> np.ndarray:
@@ -166,7 +177,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             out["val"] = log_split_metrics(prep, "val", idx, proba, seed)
             rows += prediction_rows(t, idx, proba, "val")
             if tta:
-                tta_val = np.concatenate([tta_predict(prep, [models[k]], t.x[v]) for k, v in val])[order]
+                tta_val = np.concatenate([tta_predict(prep, [models[k]], t.images(v)) for k, v in val])[order]
                 out["val_tta"] = log_split_metrics(prep, "val_tta", idx, tta_val, seed)
         test = prep.read_test()  # the one read of the test split for this model
         if len(test):
@@ -182,16 +193,18 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             mlflow.log_artifact(str(tmp / "confusion_test.png"))
             rows += prediction_rows(t, test, proba, "test")
             if tta:
-                tta_test = tta_predict(prep, models, t.x[test])
+                tta_test = tta_predict(prep, models, t.images(test))
                 out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
                 rows += prediction_rows(t, test, tta_test, "test_tta")
             log_gradcam(prep, full, test, proba, tmp)
         mlflow.log_metric("test_reads", prep.test_reads)
-        mlflow.log_text(json.dumps(rows, indent=0), "predictions.json")
+        log_predictions(rows)
         t1 = time.perf_counter()
-        # Penultimate-layer features of every image (the members' side by side), for the report's t-SNE.
+        # Penultimate-layer features (the members' side by side) of a stratified sample of the images, for the
+        # report's t-SNE: all of them for a few thousand images, EMBED_SAMPLE of a larger task.
+        shown = sample(t.y, np.arange(len(t.y)), EMBED_SAMPLE, seed)
         emb = np.concatenate(
-            [predict(penultimate(h), head_inputs(prep, final, k)) for k, h in enumerate(final.heads)], axis=1
+            [predict(penultimate(h), head_inputs(prep, final, k, shown)) for k, h in enumerate(final.heads)], axis=1
         )
         split_of = np.empty(len(t.y), dtype=object)
         for s, idx in t.splits.items():
@@ -199,9 +212,10 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
         np.savez_compressed(
             tmp / "embeddings.npz",
             embedding=emb.astype(np.float32),
-            y=t.y,
-            split=split_of.astype(str),
-            mode=np.array(t.modes),
+            y=t.y[shown],
+            split=split_of[shown].astype(str),
+            mode=np.array(t.modes)[shown],
+            of=np.array(len(t.y)),
             classes=np.array(t.classes),
         )
         mlflow.log_artifact(str(tmp / "embeddings.npz"))
@@ -221,24 +235,33 @@ def log_gradcam(prep: Prepared, model: keras.Model, test: np.ndarray, proba: np.
 
     t = prep.task
     y = t.y[test]
-    true_maps = gradcam(model, t.x[test].astype("float32"), y, prep.n_classes)
+    # The shares over a stratified sample of at most GRADCAM_SAMPLE test images: a backward pass through the
+    # backbone per image is the cost, and a few hundred images per class settle a mean share.
+    part = np.searchsorted(test, sample(t.y, test, GRADCAM_SAMPLE, prep.recipe.data.seed))
+    true_maps = np.concatenate(
+        [
+            gradcam(model, t.images(test[c]).astype("float32"), y[c], prep.n_classes)
+            for c in np.array_split(part, max(1, len(part) // 32))
+        ]
+    )
     shares = outside_share(true_maps)
-    per_class = {c: float(shares[y == k].mean()) for k, c in enumerate(t.classes) if (y == k).any()}
+    per_class = {c: float(shares[y[part] == k].mean()) for k, c in enumerate(t.classes) if (y[part] == k).any()}
     picks = pick_examples(y, proba)
     idx = np.array([i for i, _ in picks], dtype=int)
     pred = proba.argmax(axis=1)
-    maps = gradcam(model, t.x[test][idx].astype("float32"), pred[idx], prep.n_classes) if len(idx) else []
+    images = t.images(test[idx])
+    maps = gradcam(model, images.astype("float32"), pred[idx], prep.n_classes) if len(idx) else []
     titles = [
         f"{kind}: true {t.classes[y[i]]}\npred {t.classes[pred[i]]} (p={proba[i, pred[i]]:.2f})" for i, kind in picks
     ]
-    grid_figure(t.x[test][idx], maps, titles, tmp / "gradcam.png", title=f"{prep.mcfg.key}: Grad-CAM on test images")
+    grid_figure(images, maps, titles, tmp / "gradcam.png", title=f"{prep.mcfg.key}: Grad-CAM on test images")
     mlflow.log_artifact(str(tmp / "gradcam.png"))
     mlflow.log_text(
         json.dumps(
             {
                 "outside_lung_share": per_class,
                 "lung_box": LUNG_BOX,
-                "n": len(test),
+                "n": len(part),
                 "examples": [{"file": str(t.files[test[i]]), "kind": kind} for i, kind in picks],
             }
         ),

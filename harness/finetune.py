@@ -73,7 +73,7 @@ class FinetuneHyperModel(kt.HyperModel):
     def __init__(self, prep: Prepared, cfg: FinetuneSearch, tcfg: TrainingConfig, heads: list[keras.Model]):
         super().__init__()
         self.prep, self.cfg, self.tcfg, self.heads = prep, cfg, tcfg, heads
-        self.images = dataclasses.replace(prep, feats=None)  # fine-tuning trains on images
+        self.images = dataclasses.replace(prep, features=None)  # fine-tuning trains on images
 
     def declare(self, hp: kt.HyperParameters) -> dict:
         c = self.cfg

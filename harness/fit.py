@@ -63,6 +63,7 @@ OPTIMIZERS = {
     }.items()
 }
 JIT_MIN_PARAMS = 1_000_000
+STREAM_BYTES = 256 * 2**20  # inputs above this are read batch by batch instead of held as one tensor
 
 
 def optimizer_factory(name: str, learning_rate: float) -> Callable[[], keras.optimizers.Optimizer]:
@@ -159,7 +160,11 @@ def fit_models(
     """
     import tensorflow as tf
 
-    x_t, y_t = tf.constant(x), tf.constant(targets(y, n_classes))
+    # Small data live on the device as tensors and batches are gathered inside the compiled epoch; a memory-mapped
+    # or large x (tens of thousands of images) stays where it is and each batch is read from it for its step.
+    stream = isinstance(x, np.memmap) or x.nbytes > STREAM_BYTES
+    x_t = x if stream else tf.constant(x)
+    y_t = targets(y, n_classes) if stream else tf.constant(targets(y, n_classes))
     groups: dict[int, list[int]] = {}
     for k, f in enumerate(folds):
         groups.setdefault(max(1, -(-len(f.train) // batch_size)), []).append(k)
@@ -233,6 +238,15 @@ def _fit_group(
             right += c
         return total / sizes, right / sizes
 
+    def streamed_epoch(perms):
+        total, right = np.zeros(len(models)), np.zeros(len(models))
+        for s in range(steps):
+            idx = [p[s * batch_size : (s + 1) * batch_size] for p in perms]
+            losses, c = step(tuple((tf.constant(rows(x_t, i)), tf.constant(y_t[i])) for i in idx))
+            total += losses.numpy() * np.array([len(i) for i in idx])
+            right += c.numpy()
+        return total / sizes.numpy(), right / sizes.numpy()
+
     evaluators = [
         make_evaluator(m, x_t, y_t, f.val, n_classes) if f.val is not None else None for m, f in zip(models, folds)
     ]
@@ -242,8 +256,11 @@ def _fit_group(
     best = [(None, None, None)] * len(models)  # (epoch, value, weights) per model
     for e in range(epochs):
         te = time.perf_counter()
-        perms = tuple(tf.constant(f.train[rng.permutation(len(f.train))]) for f, rng in zip(folds, rngs))
-        loss, acc = (t.numpy() for t in epoch(x_t, y_t, perms))
+        perms = tuple(f.train[rng.permutation(len(f.train))] for f, rng in zip(folds, rngs))
+        if isinstance(x_t, np.ndarray):
+            loss, acc = streamed_epoch(perms)
+        else:
+            loss, acc = (t.numpy() for t in epoch(x_t, y_t, tuple(tf.constant(p) for p in perms)))
         logs = [
             {"loss": float(loss[k]), "accuracy": float(acc[k]), **(ev() if ev else {})}
             for k, ev in enumerate(evaluators)
@@ -274,26 +291,35 @@ def mean_logs(logs: list[dict]) -> dict:
     return {k: float(np.mean([lg[k] for lg in logs])) for k in logs[0]}
 
 
+def rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows of a host array (read from disk when memory-mapped); float16 feature maps come back as float32."""
+    out = np.asarray(x[idx])
+    return out.astype(np.float32) if out.dtype == np.float16 else out
+
+
 def make_evaluator(model: keras.Model, x_t, y_t, idx: np.ndarray, n_classes: int, batch_size: int = 256):
-    """A compiled validation pass over the images `idx` of (x_t, y_t): mean loss and accuracy in inference mode,
-    or None when there are none."""
+    """A compiled validation pass over the images `idx` of (x_t, y_t) (tensors, or host arrays read batch by
+    batch): mean loss and accuracy in inference mode, or None when there are none."""
     import tensorflow as tf
 
     if idx is None or not len(idx):
         return None
     loss_fn, correct = make_loss(n_classes), count_correct(n_classes == 2)
-    batches = [tf.constant(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)]
+    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    host = isinstance(x_t, np.ndarray)
 
     @tf.function(reduce_retracing=True)
-    def batch(x_t, y_t, i):
-        xb, yb = tf.gather(x_t, i), tf.gather(y_t, i)
+    def batch(xb, yb):
         p = model(xb, training=False)
-        return loss_fn(yb, p) * tf.cast(tf.shape(i)[0], tf.float32), correct(yb, p)
+        return loss_fn(yb, p) * tf.cast(tf.shape(xb)[0], tf.float32), correct(yb, p)
 
     def evaluate() -> dict:
         total = right = 0.0
-        for i in batches:
-            loss, c = batch(x_t, y_t, i)
+        for i in chunks:
+            if host:
+                loss, c = batch(tf.constant(rows(x_t, i)), tf.constant(y_t[i]))
+            else:
+                loss, c = batch(tf.gather(x_t, i), tf.gather(y_t, i))
             total, right = total + float(loss), right + float(c)
         return {"val_loss": total / len(idx), "val_accuracy": right / len(idx)}
 
@@ -315,7 +341,7 @@ def fit_on(
 ) -> list[FitResult]:
     """`fit_models` on a prepared model's images: its cached features (pooled for `avg`) or the images themselves
     (no XLA there: compiling a whole backbone costs more than a few epochs on a CPU gain)."""
-    x, y = prep.take(np.arange(len(prep.task.y)), pooling)
+    x, y = prep.source(pooling), prep.task.y
     return fit_models(
         models,
         x,
@@ -335,25 +361,26 @@ def fit_on(
 
 def evaluate_on(prep, model: keras.Model, pooling: str, idx: np.ndarray) -> dict:
     """val_loss and val_accuracy of a model on some of a prepared model's images, outside a fit."""
-    import tensorflow as tf
-
-    x, y = prep.take(idx, pooling)
     ev = make_evaluator(
-        model, tf.constant(x), tf.constant(targets(y, prep.n_classes)), np.arange(len(idx)), prep.n_classes
+        model, prep.source(pooling), targets(prep.task.y, prep.n_classes), np.asarray(idx), prep.n_classes
     )
     return ev() if ev else {}
 
 
-def predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Inference-mode outputs in batches through one compiled function per model (`model.predict` re-plans every
-    call, and a new tf.function per call would retrace every time). The function lives on the model, so both go
-    away together (a cache keyed by model would keep every model alive through the function's closure)."""
+def predict(model: keras.Model, x: np.ndarray, batch_size: int = 256, idx: np.ndarray | None = None) -> np.ndarray:
+    """Inference-mode outputs for x (or its rows `idx`, read batch by batch: x may be memory-mapped) through one
+    compiled function per model (`model.predict` re-plans every call, and a new tf.function per call would retrace
+    every time). The function lives on the model, so both go away together (a cache keyed by model would keep
+    every model alive through the function's closure)."""
     import tensorflow as tf
 
-    if not len(x):
+    idx = np.arange(len(x)) if idx is None else np.asarray(idx)
+    if not len(idx):
         return np.zeros((0,) + tuple(model.output.shape[1:]), np.float32)
     forward = getattr(model, "_harness_forward", None)
     if forward is None:
         forward = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
         model._harness_forward = forward
-    return np.concatenate([forward(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [forward(tf.constant(rows(x, idx[i : i + batch_size]))).numpy() for i in range(0, len(idx), batch_size)]
+    )

@@ -8,7 +8,6 @@ The fine-tuning stage is not repeated inside (its cost times K); the estimate is
 
 from __future__ import annotations
 
-import json
 import logging
 
 import keras
@@ -19,7 +18,7 @@ from harness import tracking
 from harness.baseline import floor_model
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
-from harness.evaluate import mcnemar, metrics, prediction_rows
+from harness.evaluate import log_predictions, mcnemar, metrics, prediction_rows
 from harness.finalize import fit_final, member_predict
 from harness.prepared import Prepared
 from harness.search import HeadHyperModel, best_of, head_from_values, make_tuner, run_search, search_folds
@@ -108,7 +107,7 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             }
         )
         rows = prediction_rows(t, pool, proba[pool], "nested") + prediction_rows(t, pool, floor[pool], "nested_floor")
-        mlflow.log_text(json.dumps(rows, indent=0), "nested_predictions.json")
+        log_predictions(rows, "nested_predictions.csv.gz")
     log.info(
         "nested %s: accuracy %.3f [%.3f, %.3f] over %d images (floor %.3f, McNemar p %.3f)",
         mcfg.key,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import cached_property
 
 import keras
 import numpy as np
 
 from harness.data import TaskData, prepare_task
-from harness.features import features_for
+from harness.features import Features, features_for
 from harness.models import assemble, build_backbone, build_head
 from harness.models.backbones import SPECS, WeightsInfo
 from harness.recipe import HeadConfig, ModelConfig, Recipe
@@ -28,7 +27,7 @@ class Prepared:
     task: TaskData
     backbone: keras.Model
     weights: WeightsInfo
-    feats: np.ndarray | None  # cached backbone feature maps (frozen backbone) or None (images go through)
+    features: Features | None  # the store's features of a frozen backbone, or None (images go through it)
     info: dict  # feature_cache (hit | miss | bypassed (why)), timings
     test_reads: int = 0  # how often the test split was read (once per final model, by `read_test`)
 
@@ -46,22 +45,29 @@ class Prepared:
 
     @property
     def on_features(self) -> bool:
-        return self.feats is not None
+        return self.features is not None
 
-    @cached_property
+    @property
     def pooled(self) -> np.ndarray:
-        return self.feats.mean(axis=(1, 2)) if self.feats.ndim == 4 else self.feats
+        return self.features.pooled
 
     def head_input_shape(self, pooling: str) -> tuple:
         maps = tuple(self.backbone.output.shape[1:])
         return maps[-1:] if pooling == "avg" and len(maps) == 3 else maps
 
-    def take(self, idx: np.ndarray, pooling: str) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) of some images: pooled vectors or maps of the cached features for a head, images for a full model."""
+    def source(self, pooling: str) -> np.ndarray:
+        """What a fit reads, for every image of the task: the pooled vectors (in memory), the feature maps
+        (memory-mapped float16), or the images themselves for a full model."""
         if not self.on_features:
-            return self.task.x[idx], self.task.y[idx]
-        source = self.pooled if pooling == "avg" else self.feats
-        return source[idx], self.task.y[idx]
+            return self.task.x
+        return self.pooled if pooling == "avg" else self.features.maps
+
+    def take(self, idx: np.ndarray, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of some images, in memory: pooled vectors or maps of the cached features for a head, images for
+        a full model."""
+        from harness.fit import rows
+
+        return rows(self.source(pooling), np.asarray(idx)), self.task.y[idx]
 
     def read_test(self) -> np.ndarray:
         """The test split's indices, for the one evaluation of a final model; every read is counted (and logged)."""
@@ -92,7 +98,7 @@ def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> 
     backbone, winfo = build_backbone(mcfg.backbone, mcfg.weights, size, recipe.weights_mirror)
     if mcfg.trainable or recipe.training_for(mcfg).augment:
         why = "trainable backbone" if mcfg.trainable else "augmentation"
-        feats, info = None, {"feature_cache": f"bypassed ({why})", "extract_seconds": 0.0}
+        feats, info = None, {"feature_cache": f"bypassed ({why})", "extracted": 0, "extract_seconds": 0.0}
     else:
         feats, info = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg))
     info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)

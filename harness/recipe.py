@@ -49,6 +49,7 @@ class DataConfig(Strict):
     on_bad_file: Literal["fail", "skip"] = "fail"
     min_side: int = Field(32, ge=1)
     max_pixels: int = Field(60_000_000, ge=1)  # decompression-bomb guard
+    max_per_class: int | None = Field(None, ge=2)  # a quick look: at most this many images per class (seeded draw)
 
 
 class TaskConfig(Strict):

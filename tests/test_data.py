@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.data import check_folder, prepare_task
-from harness.data.dupes import find_duplicates
+from harness.data.dupes import dhash, find_duplicates
 from harness.data.images import decode, preprocess
 from harness.data.splits import groups_from_names, make_splits
 from harness.data.synthetic import CLASSES, ensure_demo_data
@@ -164,7 +164,7 @@ def test_duplicates_exact_and_near():
     other = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     pairs = find_duplicates(
         ["s1", "s1", "s2", "s3"],
-        np.stack([base, base, near, other]),
+        np.stack([dhash(a) for a in (base, base, near, other)]),
         ["a", "b", "c", "d"],
         ["train", "test", "train", "train"],
     )
@@ -172,6 +172,27 @@ def test_duplicates_exact_and_near():
     assert kinds[("a", "b")]["kind"] == "exact" and kinds[("a", "b")]["cross_split"]
     assert kinds[("a", "c")]["kind"] == "near"
     assert not any("d" in (p["a"], p["b"]) for p in pairs)
+
+
+def test_near_duplicate_search_finds_what_comparing_every_pair_finds():
+    """The banded search (linear for real collections) misses no pair within the threshold."""
+    from harness.data.dupes import NEAR_THRESHOLD
+
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2, (300, 256)).astype(bool)
+    for i in range(0, 300, 10):  # plant neighbours at every distance up to the threshold and a little beyond
+        j = i + 1 + (i // 10) % 9
+        hashes[j] = hashes[i]
+        hashes[j, rng.choice(256, (i // 10) % (NEAR_THRESHOLD + 3), replace=False)] ^= True
+    names = [str(i) for i in range(300)]
+    found = {(p["a"], p["b"]) for p in find_duplicates(names, hashes, names, ["train"] * 300)}
+    brute = {
+        (str(i), str(j))
+        for i in range(300)
+        for j in range(i + 1, 300)
+        if (hashes[i] != hashes[j]).sum() <= NEAR_THRESHOLD
+    }
+    assert found == brute and len(brute) >= 20
 
 
 def test_synthetic_data_is_deterministic_and_shaped_like_real(tmp_path):

@@ -89,3 +89,28 @@ def test_restore_best_keeps_the_best_validation_epoch():
 
     p = model(x[40:60])
     assert float(make_loss(3)(y[40:60], p)) == pytest.approx(r.history["val_loss"][best], rel=1e-5)
+
+
+def test_a_memory_mapped_input_trains_exactly_as_one_in_memory(tmp_path):
+    """Large inputs are read batch by batch from disk; the result is the same fit."""
+    x, y = _data(n=60)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    folds = [Fold(np.arange(0, 40), np.arange(40, 60))]
+    in_memory, streamed = _model(seed=3), _model(seed=3)
+    a = fit_models([in_memory], x, y, folds, 3, 3, 8, optimizer_factory("adam", 0.01), seed=1, monitor="val_loss")
+    b = fit_models(
+        [streamed],
+        np.load(path, mmap_mode="r"),
+        y,
+        folds,
+        3,
+        3,
+        8,
+        optimizer_factory("adam", 0.01),
+        seed=1,
+        monitor="val_loss",
+    )
+    np.testing.assert_allclose(a[0].history["val_loss"], b[0].history["val_loss"], rtol=1e-5)
+    for wa, wb in zip(in_memory.get_weights(), streamed.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)

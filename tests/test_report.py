@@ -102,16 +102,14 @@ def test_report_numbers_match_mlflow_and_cis_hold(study):
         assert lo == pytest.approx(m["test.accuracy_ci_low"], abs=5e-4)
         assert lo <= acc <= hi
     # The pairwise row: counts and p recomputed from the two models' logged per-image predictions.
-    import json
     import tempfile
-    from pathlib import Path
 
-    from harness.evaluate import mcnemar
+    from harness.evaluate import mcnemar, read_predictions
 
     correct = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in finals:
-            rows = json.loads(Path(client.download_artifacts(run.info.run_id, "predictions.json", tmp)).read_text())
+            rows = read_predictions(client, run.info.run_id, tmp)
             test = sorted((r["file"], r["true"] == r["pred"]) for r in rows if r["split"] == "test")
             correct[run.data.tags["model_key"]] = np.array([ok for _, ok in test])
     expected = mcnemar(correct["task2-efficientnet_lite0"], correct["task2-vgg19"])

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.data.splits import cv_folds, groups_from_names
+from harness.evaluate import read_predictions
 
 from conftest import write_recipe
 
@@ -124,17 +125,11 @@ def test_nested_estimate_predicts_every_pool_image_once_without_the_test_split(t
     (nested,) = _runs(mlflow_client, "nested")
     (final,) = _runs(mlflow_client, "final")
     m = nested.data.metrics
-    rows = json.loads(
-        Path(mlflow_client.download_artifacts(nested.info.run_id, "nested_predictions.json", str(tmp_path))).read_text()
-    )
+    rows = read_predictions(mlflow_client, nested.info.run_id, str(tmp_path), "nested_predictions.csv.gz")
     tuned = [r for r in rows if r["split"] == "nested"]
     assert len(tuned) == m["nested.n"] == final.data.metrics["val.n"]  # the whole pool, out of fold
     test_files = {
-        r["file"]
-        for r in json.loads(
-            Path(mlflow_client.download_artifacts(final.info.run_id, "predictions.json", str(tmp_path))).read_text()
-        )
-        if r["split"] == "test"
+        r["file"] for r in read_predictions(mlflow_client, final.info.run_id, str(tmp_path)) if r["split"] == "test"
     }
     assert not test_files & {r["file"] for r in tuned}  # the test split is not part of the estimate
     assert sum(m[f"outer{o}.n"] for o in range(3)) == m["nested.n"]

@@ -40,7 +40,7 @@ def test_train_cli_end_to_end(tiny_recipe, mlflow_client):
     assert t["device"] == "CPU" and t["device.cores"] and t["versions.keras"] and t["weights"] == "imagenet"
     assert len(t["weights_sha256"]) == 64 and t["weights_source"].endswith(".pth")
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "data.json", "confusion_test.png", "predictions.json", "embeddings.npz"} <= artifacts
+    assert {"recipe.yaml", "data.json", "confusion_test.png", "predictions.csv.gz", "embeddings.npz"} <= artifacts
 
     model = harness.load_model(f"runs:/{run.info.run_id}/model")
     from harness.data import prepare_task

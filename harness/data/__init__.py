@@ -7,6 +7,7 @@ every problem is collected before deciding, so a user sees all bad files at once
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,13 @@ from harness.errors import HarnessError
 from harness.paths import get_paths
 from harness.recipe import Recipe
 
+IN_MEMORY_BYTES = 512 * 2**20  # a task's decoded images above this are memory-mapped, not held
+
 
 @dataclass
 class TaskData:
     name: str
     classes: list[str]
-    x: np.ndarray  # (N, S, S, 3) uint8, before any backbone preprocessing
     y: np.ndarray  # (N,) int class index, classes sorted by folder name
     files: list[Path]
     sha1s: list[str]
@@ -41,6 +43,61 @@ class TaskData:
     duplicates: list[dict] = field(default_factory=list)
     formats: list[str] = field(default_factory=list)  # original file format per image (JPEG, PNG...)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height) per image
+    image_size: int = 224  # the decoded images' side and colour policy (what `images` returns)
+    colour: str = "grey"
+    decode_limits: tuple[int, int] = (32, 60_000_000)  # (min_side, max_pixels) they were validated with
+
+    def images(self, idx) -> np.ndarray:
+        """(len(idx), S, S, 3) uint8 images, decoded as the task decoded them (read back from the decode cache, so
+        no task holds all its images in memory)."""
+        cache = get_paths().image_cache
+        out = np.empty((len(idx), self.image_size, self.image_size, 3), np.uint8)
+        for k, i in enumerate(np.asarray(idx, dtype=int)):
+            d = decode(self.files[i], self.image_size, self.colour, cache, *self.decode_limits)
+            if d.problem or d.sha1 != self.sha1s[i]:
+                raise HarnessError(
+                    f"{self.files[i]}: changed or unreadable since the task was prepared "
+                    f"({d.problem or 'different contents'}); run again to prepare it anew"
+                )
+            out[k] = d.array
+        return out
+
+    def batches(self, idx, batch_size: int = 64, workers: int = 2):
+        """(positions, images) batches of `idx` in order, decoded ahead of use by a small thread pool so decoding
+        overlaps whatever the caller does with the previous batch (a backbone's forward pass)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        idx = np.asarray(idx, dtype=int)
+        chunks = [np.arange(i, min(i + batch_size, len(idx))) for i in range(0, len(idx), batch_size)]
+        with ThreadPoolExecutor(workers) as pool:
+            ahead = [pool.submit(self.images, idx[c]) for c in chunks[:workers]]
+            for k, c in enumerate(chunks):
+                if k + workers < len(chunks):
+                    ahead.append(pool.submit(self.images, idx[chunks[k + workers]]))
+                yield c, ahead[k].result()
+                ahead[k] = None  # let a consumed batch go
+
+    @property
+    def x(self) -> np.ndarray:
+        """Every image of the task, for the fits that train on images (augmentation, fine-tuning, a trainable
+        backbone): in memory up to IN_MEMORY_BYTES, else a memory-mapped file built once in the cache."""
+        if getattr(self, "_x", None) is None:
+            n, s = len(self.y), self.image_size
+            if n * s * s * 3 <= IN_MEMORY_BYTES:
+                self._x = self.images(np.arange(n))
+            else:
+                path = get_paths().cache / "tasks" / f"{self.content_key()}-{s}-{self.colour}.u8"
+                if not path.is_file() or path.stat().st_size != n * s * s * 3:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                    mm = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, s, s, 3))
+                    for pos, batch in self.batches(np.arange(n)):
+                        mm[pos] = batch
+                    mm.flush()
+                    del mm
+                    os.replace(tmp, path)
+                self._x = np.load(path, mmap_mode="r")
+        return self._x
 
     def content_key(self) -> str:
         """Changes whenever any image's bytes, label or the class list change."""
@@ -69,11 +126,27 @@ def data_root(recipe: Recipe) -> Path:
 
 
 def _decode_all(items: list[Item], recipe: Recipe, size: int, colour: str, label: str) -> list[Decoded]:
+    """Validate and decode every image (into the decode cache), keeping only what describes it: a task of tens of
+    thousands of images never holds their pixels."""
     d, cache = recipe.data, get_paths().image_cache
-    return [
-        decode(it.path, size, colour, cache, d.min_side, d.max_pixels)
-        for it in track(items, description=label, transient=True)
-    ]
+    out = []
+    for it in track(items, description=label, transient=True):
+        dec = decode(it.path, size, colour, cache, d.min_side, d.max_pixels)
+        dec.array = None
+        out.append(dec)
+    return out
+
+
+def cap_per_class(items: list[Item], cap: int | None, seed: int) -> list[Item]:
+    """At most `cap` images per class, drawn at random (seeded), in their original order."""
+    if cap is None:
+        return items
+    rng = np.random.default_rng(seed)
+    keep = set()
+    for label in sorted({it.label for it in items}):
+        idx = [i for i, it in enumerate(items) if it.label == label]
+        keep.update(idx if len(idx) <= cap else rng.choice(idx, cap, replace=False).tolist())
+    return [it for i, it in enumerate(items) if i in keep]
 
 
 def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None, colour: str | None = None) -> TaskData:
@@ -85,6 +158,7 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None, 
     root = data_root(recipe)
     train_root = task.train_dir if task.train_dir.is_absolute() else root / task.train_dir
     items, problems = scan(train_root, task.classes)
+    items = cap_per_class(items, recipe.data.max_per_class, recipe.data.seed)
     classes = sorted(task.classes) if task.classes else (class_folders(train_root) if train_root.is_dir() else [])
     test_items: list[Item] = []
     test_source = f"carved from train (stratified, {recipe.data.test_fraction:.0%})"
@@ -92,6 +166,7 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None, 
         test_root = task.test_dir if task.test_dir.is_absolute() else root / task.test_dir
         if test_root.is_dir():
             test_items, test_problems = scan(test_root, task.classes)
+            test_items = cap_per_class(test_items, recipe.data.max_per_class, recipe.data.seed)
             problems += test_problems
             if task.classes is None:
                 problems += class_mismatch(train_root, classes, test_root, class_folders(test_root))
@@ -121,13 +196,12 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None, 
     for s, idx in splits.items():
         for i in idx:
             split_of[i] = s
-    x = np.stack([decoded[i].array for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
     sha1s = [decoded[i].sha1 for i in keep]
+    hashes = np.stack([decoded[i].dhash for i in keep]) if keep else np.zeros((0, 256), bool)
     names = [f"{f.parent.name}/{f.name}" for f in files]
     return TaskData(
         name=task_name,
         classes=classes,
-        x=x,
         y=y,
         files=files,
         sha1s=sha1s,
@@ -139,7 +213,10 @@ def prepare_task(recipe: Recipe, task_name: str, image_size: int | None = None, 
         test_source=test_source,
         train_root=train_root,
         skipped=problems,
-        duplicates=find_duplicates(sha1s, x, names, split_of),
+        duplicates=find_duplicates(sha1s, hashes, names, split_of),
+        image_size=size,
+        colour=colour,
+        decode_limits=(d.min_side, d.max_pixels),
     )
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-CACHE_VERSION = "v2"  # bump when the decoding below changes, so stale cached arrays are never reused
+from harness.data.dupes import dhash
+
+CACHE_VERSION = "v3"  # bump when the decoding below changes, so stale cached arrays are never reused
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Decoded:
     height: int
     problem: str | None = None
     format: str = "?"  # the file's format (JPEG, PNG...): with mode and size, the image's source signature
+    dhash: np.ndarray | None = None  # 256-bit difference hash of the decoded image, for near-duplicate search
 
 
 def to_grey_or_rgb(img: Image.Image, colour: str) -> Image.Image:
@@ -67,7 +70,15 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
     cached = cache_dir / CACHE_VERSION / f"{size}-{colour}" / sha1[:2] / f"{sha1}.npz"
     if cached.is_file():
         with np.load(cached) as z:
-            return Decoded(z["a"], sha1, str(z["mode"]), int(z["w"]), int(z["h"]), format=str(z["fmt"]))
+            return Decoded(
+                z["a"],
+                sha1,
+                str(z["mode"]),
+                int(z["w"]),
+                int(z["h"]),
+                format=str(z["fmt"]),
+                dhash=np.unpackbits(z["dh"]).astype(bool),
+            )
     Image.MAX_IMAGE_PIXELS = max_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -93,6 +104,7 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
         return Decoded(None, sha1, "?", 0, 0, f"{path}: corrupt or truncated image ({e})")
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, a=arr, mode=np.array(mode), w=np.array(w), h=np.array(h), fmt=np.array(fmt))
+    dh = dhash(arr)
+    np.savez(tmp, a=arr, mode=np.array(mode), w=np.array(w), h=np.array(h), fmt=np.array(fmt), dh=np.packbits(dh))
     tmp.replace(cached)  # atomic: a killed run never leaves a half-written cache entry
-    return Decoded(arr, sha1, mode, w, h, format=fmt)
+    return Decoded(arr, sha1, mode, w, h, format=fmt, dhash=dh)

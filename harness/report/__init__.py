@@ -641,7 +641,18 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     blocks.append(h("Training curves", 2))
     blocks += [img(figures.curves(m, out / f"curves-{m.key}.png"), f"Training curves of {m.key}") for m in models]
     blocks.append(h("t-SNE of penultimate-layer features", 2))
-    blocks += [img(figures.tsne(m, colours, out / f"tsne-{m.key}.png"), f"t-SNE of {m.key}") for m in models]
+    blocks += [
+        img(
+            figures.tsne(m, colours, out / f"tsne-{m.key}.png"),
+            f"t-SNE of {m.key}"
+            + (
+                f" ({len(m.embeddings['y'])} of {int(m.embeddings['of'])} images, a stratified sample)"
+                if "of" in m.embeddings and len(m.embeddings["y"]) < int(m.embeddings["of"])
+                else ""
+            ),
+        )
+        for m in models
+    ]
     blocks.append(h("Tuning overview", 2))
     for m in [m for m in models if m.head_trials]:
         objective = m.search.data.params.get("search.objective", "val_loss")

@@ -13,6 +13,7 @@ from mlflow.entities import Run
 
 from harness import tracking
 from harness.errors import HarnessError
+from harness.evaluate import read_predictions
 
 
 @dataclass
@@ -142,14 +143,14 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                     task=r.data.tags.get("task", "?"),
                     backbone=r.data.tags.get("backbone", "?"),
                     run=r,
-                    predictions=_artifact_json(client, rid, "predictions.json", sub),
+                    predictions=read_predictions(client, rid, str(sub)),
                     embeddings={k: emb[k] for k in emb.files},
                     data=_artifact_json(client, rid, "data.json", sub),
                     history=history,
                     trials=_trials(client, parent) if parent else [],
                     search=parent,
                     baseline=base[0] if base else None,
-                    baseline_predictions=_artifact_json(client, base[0].info.run_id, "predictions.json", sub)
+                    baseline_predictions=read_predictions(client, base[0].info.run_id, str(sub / "floor"))
                     if base
                     else [],
                     nested=nested[0] if nested else None,

@@ -79,7 +79,9 @@ def tsne(m: ModelResult, colours: dict[str, tuple], path: Path, seed: int = 0) -
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{m.key} — t-SNE of penultimate-layer features")
+    shown, of = len(e["y"]), int(e["of"]) if "of" in e else len(e["y"])
+    sampled = f" ({shown} of {of} images, a stratified sample)" if shown < of else ""
+    fig.suptitle(f"{m.key} — t-SNE of penultimate-layer features{sampled}")
     return _save(fig, path)
 
 
