@@ -61,26 +61,36 @@ def head_scores(head: keras.Model, x, n_classes: int):
 
 def gradcam(model: keras.Model, images: np.ndarray, class_index: np.ndarray, n_classes: int) -> np.ndarray:
     """(N, H, W) maps in [0, 1] for raw 0-255 images, each for its class `class_index[i]`."""
-    maps = np.mean([_gradcam_member(p, images, class_index, n_classes) for p in parts_of(model)], axis=0)
-    return maps
+    fns = getattr(model, "_harness_gradcam", None)
+    if fns is None:  # compiled once per model and kept on it (eager, the backbone's activations cost ~1 GB more)
+        fns = model._harness_gradcam = [_compiled(p, n_classes) for p in parts_of(model)]
+    maps = []
+    for fn in fns:
+        import tensorflow as tf
+
+        cam = fn(tf.constant(images, tf.float32), tf.constant(np.asarray(class_index, dtype=np.int64)))
+        cam = tf.image.resize(cam[..., None], images.shape[1:3], method="bilinear")[..., 0].numpy()
+        peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
+        maps.append(np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0))
+    return np.mean(maps, axis=0)
 
 
-def _gradcam_member(p: Parts, images: np.ndarray, class_index: np.ndarray, n_classes: int) -> np.ndarray:
+def _compiled(p: Parts, n_classes: int):
     import tensorflow as tf
 
-    x = p.preprocess(tf.constant(images, tf.float32))
-    with tf.GradientTape() as tape:
-        conv = p.backbone(x, training=False)
-        tape.watch(conv)
-        feats = p.pool(conv) if p.pool is not None else conv
-        scores = tf.reduce_mean(tf.stack([head_scores(h, feats, n_classes) for h in p.heads]), axis=0)
-        chosen = tf.gather(scores, tf.constant(class_index), axis=1, batch_dims=1)
-    grads = tape.gradient(chosen, conv)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))[..., None]
-    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
-    peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
-    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+    @tf.function(reduce_retracing=True)
+    def cam(images, class_index):
+        # The map needs the gradient with respect to the map only: the backbone runs outside the tape.
+        conv = p.backbone(p.preprocess(images), training=False)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(conv)
+            feats = p.pool(conv) if p.pool is not None else conv
+            scores = tf.reduce_mean(tf.stack([head_scores(h, feats, n_classes) for h in p.heads]), axis=0)
+            chosen = tf.gather(scores, class_index, axis=1, batch_dims=1)
+        weights = tf.reduce_mean(tape.gradient(chosen, conv), axis=(1, 2), keepdims=True)
+        return tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))
+
+    return cam
 
 
 def outside_share(maps: np.ndarray) -> np.ndarray:

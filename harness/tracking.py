@@ -157,9 +157,15 @@ def log_context(prep) -> None:
         "modes": {c: dict(Counter(m for m, y in zip(t.modes, t.y) if y == k)) for k, c in enumerate(t.classes)},
     }
     mlflow.log_text(json.dumps(summary, indent=1, default=str), "data.json")
-    mlflow.log_metrics({"data_seconds": prep.info["data_seconds"], "extract_seconds": prep.info["extract_seconds"],
-                        # images this run's preparation pushed through the backbone (0: all read from the store)
-                        "extracted_images": prep.info["extracted"], "images": len(t.y)})
+    mlflow.log_metrics(
+        {
+            "data_seconds": prep.info["data_seconds"],
+            "extract_seconds": prep.info["extract_seconds"],
+            # images this run's preparation pushed through the backbone (0: all read from the store)
+            "extracted_images": prep.info["extracted"],
+            "images": len(t.y),
+        }
+    )
 
 
 def log_fit(result, offset: int = 0, run_id: str | None = None) -> None:
