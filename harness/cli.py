@@ -184,16 +184,40 @@ def tune(
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override data.image_size.")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes sharing this machine's cores.")] = 0,
+    chief: Annotated[bool, typer.Option(help="Serve the searches to workers on other machines.")] = False,
+    oracle_port: Annotated[int, typer.Option(help="The chief's oracle port (default: a free one, --workers).")] = 0,
+    oracle_bind: Annotated[
+        str,
+        typer.Option(
+            help="Interface the oracle listens on. It has no authentication: keep 127.0.0.1 unless "
+            "the machines' network is private."
+        ),
+    ] = "127.0.0.1",
+    worker: Annotated[str | None, typer.Option(help="Run as this worker (an id such as worker1).")] = None,
+    oracle: Annotated[str | None, typer.Option(help="A worker's chief: HOST:PORT.")] = None,
+    worker_timeout: Annotated[
+        float, typer.Option(help="Seconds a silent worker keeps its trial before another worker gets it.")
+    ] = 60.0,
 ):
     """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered.
-    Ctrl-C once stops after the current trial (resumable), twice stops at once."""
+    Ctrl-C once stops after the current trial (resumable), twice stops at once. --workers N spreads the trials over
+    N local processes; --chief and --worker ID --oracle HOST:PORT over machines sharing the tracking store."""
     from harness.study import tune as tune_fn
+    from harness.study import work
 
     if resume and restart:
         raise HarnessError("--resume and --restart contradict each other: choose one")
     r = _load(recipe, _overrides(data_root=data_root, image_size=image_size, epochs=epochs, max_trials=max_trials))
+    if worker is not None:
+        if oracle is None:
+            raise HarnessError("--worker needs --oracle HOST:PORT (the chief's oracle)")
+        n = work(r, worker, oracle, only, chief_timeout=max(600.0, 10 * worker_timeout))
+        out.print(f"worker {worker}: worked on {n} search(es); the chief finished the study", highlight=False)
+        return
+    dist = _distributed(workers, chief, oracle_port, oracle_bind, worker_timeout)
     with graceful_interrupts():
-        results = tune_fn(r, only=only, resume=resume, restart=restart)
+        results = tune_fn(r, only=only, resume=resume, restart=restart, dist=dist)
     for res in results:
         if "skipped" in res:
             out.print(f"{res['model']}: skipped ({res['skipped']})", highlight=False, markup=False)
@@ -398,6 +422,31 @@ def weights_fetch(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _distributed(workers: int, chief: bool, port: int, bind: str, worker_timeout: float):
+    from harness.distributed import Distributed
+
+    if not workers and not chief:
+        return None
+    if workers and chief:
+        raise HarnessError("--workers starts local workers, --chief waits for others': choose one")
+    if workers < 0:
+        raise HarnessError(f"--workers {workers}: at least 1")
+    if chief and not port:
+        raise HarnessError("--chief needs --oracle-port: the port its workers' --oracle HOST:PORT names")
+    if not port:
+        import socket
+
+        with socket.socket() as s:
+            s.bind((bind, 0))
+            port = s.getsockname()[1]
+    if bind not in ("127.0.0.1", "localhost", "::1"):
+        out.print(
+            f"[bold red]WARNING: the oracle listens on {bind}:{port} without authentication: anyone who can "
+            f"reach this port can read and change the search. Open it on private networks only.[/]"
+        )
+    return Distributed(workers=workers, bind=bind, port=port, worker_timeout=worker_timeout)
 
 
 def _print_store(study: str, what: str) -> None:

@@ -200,13 +200,12 @@ class TrackedTuner(kt.Tuner):
         trial_seed: int,
         epochs: int,
         deadline: float | None = None,
+        worker: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.folds, self.parent_run_id, self.trial_seed, self.epochs = folds, parent_run_id, trial_seed, epochs
-        self.deadline = deadline
-        # Trials with a run already (a resumed search); None: an untracked search (the nested estimate's).
-        self.recorded = trial_runs(parent_run_id, self.hypermodel.stage) if parent_run_id else None
+        self.deadline, self.worker = deadline, worker
 
     def save(self):
         atomic_json(self._get_tuner_fname(), self.get_state())
@@ -217,9 +216,10 @@ class TrackedTuner(kt.Tuner):
     def run_trial(self, trial, *args, **kwargs):
         objective = self.oracle.objective.name
         try:
-            if self.recorded is None:
+            if self.parent_run_id is None:  # an untracked search (the nested estimate's inner searches)
                 return self._run(trial, None)
-            done = self.recorded.get(trial.trial_id)
+            # Asked afresh for every trial: with several workers, another process may have recorded it meanwhile.
+            done = trial_runs(self.parent_run_id, self.hypermodel.stage).get(trial.trial_id)
             if done is not None and done.info.status == "FINISHED" and f"best_{objective}" in done.data.metrics:
                 m = done.data.metrics
                 log.info(
@@ -241,13 +241,17 @@ class TrackedTuner(kt.Tuner):
                 "trial_id": trial.trial_id,
                 "stage": self.hypermodel.stage,
                 "mlflow.parentRunId": self.parent_run_id,
+                "worker": self.worker or "local",
                 **{k: str(v) for k, v in trial.hyperparameters.values.items() if k.startswith("tuner/")},
             }
             with tracking.run(f"{self.hypermodel.stage} trial {trial.trial_id}", nested=True, tags=tags) as active:
                 return self._run(trial, active.info.run_id)
         except (HarnessError, OSError) as e:
             # Bad input or a full disk is not bad luck: another trial would fail the same way, so the search
-            # stops (the trial stays open in the tuner's state and is run again on resume).
+            # stops (the trial stays open in the tuner's state and is run again on resume). A worker cannot stop
+            # the chief's search: it reports the trial FAILED, and the chief's failure limit ends the search.
+            if self.worker is not None:
+                raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
             raise kt.errors.FatalError(str(e)) from e
         except Exception as e:
             # Recorded FAILED (by tracking.run) with its error; FailedTrialError makes the tuner count it
@@ -320,12 +324,13 @@ def trial_runs(parent_run_id: str, stage: str = "head") -> dict:
     return {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("stage", "head") == stage}
 
 
-def mark_orphans_killed(parent_run_id: str) -> int:
-    """Child runs left RUNNING by a killed process (kill -9 leaves no chance to end them) become KILLED."""
+def mark_orphans_killed(parent_run_id: str, trials: bool = True) -> int:
+    """Child runs left RUNNING by a killed process (kill -9 leaves no chance to end them) become KILLED; with
+    `trials` False, trial runs are left to the workers that may still be running them."""
     c, n = tracking.client(), 0
     exp = mlflow.get_run(parent_run_id).info.experiment_id
     for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        if r.info.status == "RUNNING":
+        if r.info.status == "RUNNING" and (trials or r.data.tags.get("harness.kind") != "trial"):
             c.set_terminated(r.info.run_id, "KILLED")
             n += 1
     return n
@@ -342,9 +347,12 @@ def make_tuner(
     folds: list[Fold],
     deadline: float | None = None,
     tuner: str | None = None,
+    role: str | None = None,
 ):
     """A Keras Tuner search of the recipe's kind (its oracle built here, with atomic state files), tracked in MLflow
-    under `parent_run_id`, its state in `project_dir` (reloaded when `resume`)."""
+    under `parent_run_id`, its state in `project_dir` (reloaded when `resume`). `role` "chief" serves the oracle to
+    workers (`harness.distributed.robust`); any other role is a worker's id: its oracle is the chief's, over gRPC
+    (Keras Tuner swaps it in when KERASTUNER_ORACLE_IP is set), and its state is never overwritten."""
     kind = tuner or space.tuner
     kwargs = dict(
         objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
@@ -355,13 +363,26 @@ def make_tuner(
         kwargs.update(max_epochs=epochs, factor=space.hyperband_factor)
     else:
         kwargs.update(max_trials=max_trials)
-    oracle = _atomic(ORACLES[kind])(**kwargs)
+    cls = _atomic(ORACLES[kind])
+    if role == "chief":
+        from harness.distributed import robust
+
+        # A lost worker's trial is handed to another worker once; failures are counted by the robust oracle,
+        # which stops the search instead of raising inside the gRPC handler.
+        cls = robust(cls)
+        kwargs.update(max_retries_per_trial=1, max_consecutive_failed_trials=None)
+    oracle = cls(**kwargs)
+    if role == "chief":
+        oracle.consecutive_failures_limit = space.max_consecutive_failures
+        oracle.verbose = 0  # the harness logs trials itself; Keras Tuner's display would print them again
     return TrackedTuner(
         oracle=oracle,
         hypermodel=hypermodel,
         directory=str(project_dir.parent),
         project_name=project_dir.name,
-        overwrite=not resume,
+        overwrite=not resume and role in (None, "chief"),
+        worker=role if role not in (None, "chief") else None,
+        tuner_id=role,
         folds=folds,
         parent_run_id=parent_run_id,
         trial_seed=space.seed,

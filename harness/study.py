@@ -18,6 +18,7 @@ import numpy as np
 from harness import tracking
 from harness.audit import audit
 from harness.baseline import baseline
+from harness.distributed import Distributed, LocalWorkers, serve
 from harness.errors import HarnessError
 from harness.finalize import FinalModel, finish, fit_final, log_final_fit, registered_name
 from harness.finetune import finetune_stage
@@ -41,7 +42,13 @@ STAGE_RUNS = ("final", "baseline", "audit", "nested")  # a search's stages after
 
 
 def search_model(
-    recipe: Recipe, mcfg: ModelConfig, resume: bool = False, max_trials: int | None = None, restart: bool = False
+    recipe: Recipe,
+    mcfg: ModelConfig,
+    resume: bool = False,
+    max_trials: int | None = None,
+    restart: bool = False,
+    dist: Distributed | None = None,
+    supervise=None,
 ) -> dict:
     """Search (head, then fine-tuning when asked), fit the final model, evaluate once, log and register; the floor
     and the nested estimate follow. Returns a summary.
@@ -72,7 +79,8 @@ def search_model(
         if done is not None:
             log.info("%s: finished already (final run %s): skipped", mcfg.key, done["final_run_id"])
             return done
-        mark_orphans_killed(parent_id)
+        # Trial runs may belong to workers still running them (a restarted chief): those are left alone.
+        mark_orphans_killed(parent_id, trials=dist is None)
         discard_unfinished(parent_id)
     elif state is not None and not resume:
         log.info("%s: starting a new search (an earlier one exists: --resume continues it instead)", mcfg.key)
@@ -119,9 +127,20 @@ def search_model(
             t1 = t2 = time.perf_counter()
         else:
             tuner = make_tuner(
-                HeadHyperModel(prep, space), space, project_dir, resuming, pid, tcfg.epochs, max_trials, folds
+                HeadHyperModel(prep, space),
+                space,
+                project_dir,
+                resuming,
+                pid,
+                tcfg.epochs,
+                max_trials,
+                folds,
+                role="chief" if dist else None,
             )
-            run_search(tuner)
+            if dist is None:
+                run_search(tuner)
+            else:
+                serve_search(tuner, dist, pid, mcfg.key, supervise)
             found = best_of(tuner, mcfg.key)
             best, score, epoch = found.values, found.score, found.epoch
             mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
@@ -173,6 +192,89 @@ def search_model(
             mlflow.log_metric("nested_seconds", time.perf_counter() - t3)
         mlflow.log_metric("prepare_seconds", prep.info["prepare_seconds"])
     return {"model": mcfg.key, "parent_run_id": pid, "best": best, **result}
+
+
+def serve_search(tuner, dist: Distributed, parent_id: str, key: str, supervise=None) -> None:
+    """The chief's part of a distributed search: serve the oracle until the last trial ends, tagging the search
+    run so workers find it; afterwards no trial run is left RUNNING (a worker that died mid-trial leaves one)."""
+    c = tracking.client()
+    tuner.save()
+    c.set_tag(parent_id, "oracle.port", str(dist.port))
+    c.set_tag(parent_id, "oracle.state", "serving")
+    log.info(
+        "Serving the %s search on %s:%d to %s",
+        key,
+        dist.bind,
+        dist.port,
+        f"{dist.workers} local workers" if dist.workers else "workers",
+    )
+    try:
+        summary = serve(tuner.oracle, dist, supervise)
+    finally:
+        c.set_tag(parent_id, "oracle.state", "done")
+        mark_orphans_killed(parent_id)
+    if summary["abort"]:
+        raise HarnessError(
+            f"{key}: the distributed search stopped ({summary['abort']}); fix the cause, then continue with --resume"
+        )
+    check_interrupt()
+
+
+def work(
+    recipe: Recipe, worker_id: str, oracle: str, only: list[str] | None = None, chief_timeout: float = 600.0
+) -> int:
+    """A worker: find the search a chief serves on `oracle` (through the store), run its trials, and go on to the
+    chief's next search, until the chief says the study is done. Returns the number of searches it worked on."""
+    import os
+
+    from harness.distributed import Heartbeat, serving_search, study_done
+
+    if "chief" in worker_id:  # Keras Tuner takes any id containing "chief" for the chief
+        raise HarnessError(f"--worker {worker_id}: a worker's id must not contain 'chief'")
+    host, _, port_text = oracle.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise HarnessError(f"--oracle {oracle}: expected HOST:PORT")
+    port = int(port_text)
+    keys = {m.key for m in ([recipe.model(k) for k in only] if only else recipe.models)}
+    tracking.setup(recipe.study)
+    os.environ.update(KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=str(port), KERASTUNER_TUNER_ID=worker_id)
+    searches, last = 0, time.monotonic()
+    while not study_done(recipe.study, port):
+        found = serving_search(recipe.study, port, keys)
+        if found is None:
+            if time.monotonic() - last > chief_timeout:
+                raise HarnessError(
+                    f"no chief has served a search of study '{recipe.study}' on {oracle} for {chief_timeout:.0f} s"
+                )
+            time.sleep(2.0)
+            continue
+        key, parent_id = found
+        mcfg, space = recipe.model(key), recipe.search
+        prep = prepare(recipe, mcfg)  # features from the shared store: the chief extracted them
+        folds = search_folds(prep, space.cv_folds, space.seed)
+        tuner = make_tuner(
+            HeadHyperModel(prep, space),
+            space,
+            get_paths().tuner_dir / recipe.study / key,
+            True,
+            parent_id,
+            recipe.training_for(mcfg).epochs,
+            space.max_trials,
+            folds,
+            role=worker_id,
+        )
+        beat = Heartbeat(tuner.oracle.stub, worker_id, chief_timeout=chief_timeout)
+        beat.start()
+        log.info("worker %s: working on the %s search", worker_id, key)
+        try:
+            tuner.search(verbose=0)
+        finally:
+            beat.stopped.set()
+        searches += 1
+        last = time.monotonic()
+        while serving_search(recipe.study, port, {key}) == found and not study_done(recipe.study, port):
+            time.sleep(1.0)  # the chief is finishing this search (final model, floor): wait for its next one
+    return searches
 
 
 def refuse_changes(recipe: Recipe, mcfg: ModelConfig, state: dict, fp: dict) -> None:
@@ -308,6 +410,7 @@ def tune(
     resume: bool = False,
     max_trials: int | None = None,
     restart: bool = False,
+    dist: Distributed | None = None,
 ) -> list[dict]:
     """One search per recipe model (or those named in `only`, as `task-backbone` or `task/backbone`).
 
@@ -335,11 +438,47 @@ def tune(
             c.delete_experiment_tag(exp_id, f"harness.skipped.{m.key}")
     out = []
     with StudyLock(get_paths().tuner_dir / recipe.study, recipe.study):
-        for m in models:
-            check_interrupt()
-            out.append(
-                {"model": m.key, "skipped": skipped[m.key]}
-                if m.key in skipped
-                else search_model(recipe, m, resume=resume, max_trials=max_trials, restart=restart)
-            )
+        local = start_local_workers(recipe, dist, only) if dist is not None and dist.workers else None
+        try:
+            for m in models:
+                check_interrupt()
+                out.append(
+                    {"model": m.key, "skipped": skipped[m.key]}
+                    if m.key in skipped
+                    else search_model(
+                        recipe,
+                        m,
+                        resume=resume,
+                        max_trials=max_trials,
+                        restart=restart,
+                        dist=dist,
+                        supervise=local.supervise if local else None,
+                    )
+                )
+        finally:
+            if dist is not None:
+                c.set_experiment_tag(exp_id, f"harness.oracle.{dist.port}", "done")  # workers leave
+            if local is not None:
+                local.stop()
     return out
+
+
+def start_local_workers(recipe: Recipe, dist: Distributed, only: list[str] | None) -> LocalWorkers:
+    """The chief's worker processes, each given the resolved recipe (overrides included) and its share of the
+    cores; they find each search through the store as the chief serves it."""
+    import yaml
+
+    from harness.data import data_root
+    from harness.distributed import worker_command
+
+    raw = recipe.resolved()
+    if recipe.data.synthetic is None:
+        raw["data"]["root"] = str(data_root(recipe))
+    path = get_paths().tuner_dir / recipe.study / ".worker-recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    dist.spawn = worker_command(path, "127.0.0.1" if dist.bind in ("0.0.0.0", "::") else dist.bind, dist.port, only)
+    workers = LocalWorkers(dist)
+    workers.start_all()
+    log.info("%d local workers, %d threads each", dist.workers, workers.threads)
+    return workers
