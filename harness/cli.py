@@ -281,6 +281,47 @@ def demo():
 
 @app.command()
 @guarded
+def server(
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to listen on (default: this machine only).")] = "127.0.0.1",
+    backend_store_uri: Annotated[
+        str | None, typer.Option(help="Where runs are kept: the harness's SQLite store, or postgresql://...")
+    ] = None,
+    artifacts_destination: Annotated[
+        str | None, typer.Option(help="Where artifacts are kept (default: the harness's artifact folder).")
+    ] = None,
+    auth: Annotated[bool, typer.Option(help="MLflow's basic-auth app (set MLFLOW_AUTH_ADMIN_PASSWORD first).")] = False,
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="Host names clients may use (MLflow's --allowed-hosts), when not 127.0.0.1.")
+    ] = None,
+):
+    """An MLflow tracking server for the harness: one store for several people, chiefs and workers. Point them at
+    it with MLFLOW_TRACKING_URI=http://HOST:PORT."""
+    import subprocess
+
+    from harness.pipeline import server as server_cmd
+
+    cmd = server_cmd(host, port, backend_store_uri, artifacts_destination, auth, allowed_hosts)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        out.print(
+            f"[bold red]WARNING: the tracking store listens on {host}:{port} and is reachable from the "
+            f"network{'' if auth else ' with no authentication: anyone who reaches it can read and change runs'}"
+            f". Turn on MLflow's basic-auth app with --auth (and MLFLOW_AUTH_ADMIN_PASSWORD).[/]"
+        )
+    out.print(
+        f"MLflow tracking server for the harness at http://{host}:{port} (store "
+        f"{cmd[cmd.index('--backend-store-uri') + 1].split('@')[-1]}); clients: "
+        f"MLFLOW_TRACKING_URI=http://{host}:{port}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise HarnessError(f"the MLflow server ended with exit code {code} (its messages are above)")
+
+
+@app.command()
+@guarded
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     study: Annotated[str | None, typer.Option(help="Print the URL of this study's experiment.")] = None,

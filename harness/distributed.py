@@ -236,11 +236,13 @@ def serve(oracle, dist: Distributed, supervise=None, poll: float = 0.5) -> dict:
             if supervise:
                 supervise()
             oracle.reap()
-            ever = bool(oracle._last_seen)
+            # Trials wait (re-queued) for a worker to take them; with no worker at all for startup_timeout (since
+            # the start, or since the last one was heard), the search stops, resumable, instead of waiting forever.
+            last = max([t0, *oracle._last_seen.values()])
             silent = not oracle.ongoing_trials and not any(oracle.alive(t) for t in oracle._last_seen)
-            waited = time.monotonic() - t0 > (dist.worker_timeout if ever else dist.startup_timeout)
-            if silent and waited and not oracle.finished():
-                oracle.abort_reason = oracle.abort_reason or ("no live worker" if ever else "no worker came")
+            if silent and time.monotonic() - last > dist.startup_timeout and not oracle.finished():
+                oracle.abort_reason = oracle.abort_reason or (
+                    f"no worker for {dist.startup_timeout:.0f} s" if oracle._last_seen else "no worker came")
         # Linger until the live workers have been told STOPPED (else they wait for a chief that is gone).
         end, at_least = time.monotonic() + dist.worker_timeout, time.monotonic() + 2.0
         while time.monotonic() < end:

@@ -35,6 +35,37 @@ def demo(recipe_path: Path) -> Path:
     return run_study(load_recipe(recipe_path), resume=True)
 
 
+def server(
+    host: str, port: int, backend_store_uri: str | None, artifacts: str | None, auth: bool, allowed_hosts: str | None
+) -> list[str]:
+    """The command line of an MLflow tracking server for the harness: its store (the local SQLite file unless a
+    database URI is given), artifacts proxied from the harness's artifact folder."""
+    p = get_paths()
+    if backend_store_uri and backend_store_uri.startswith("postgresql://"):
+        # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URI; the harness ships psycopg2.
+        backend_store_uri = "postgresql+psycopg2://" + backend_store_uri.removeprefix("postgresql://")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri or p.tracking_uri,
+        "--artifacts-destination",
+        artifacts or p.artifact_root.as_uri(),
+        "--serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if auth:
+        cmd += ["--app-name", "basic-auth"]
+    if allowed_hosts:
+        cmd += ["--allowed-hosts", allowed_hosts]
+    return cmd
+
+
 def ui_url(port: int = 5000, study: str | None = None) -> str:
     """Where the UI of the harness store will answer: its study's runs table when the study exists."""
     url = f"http://127.0.0.1:{port}"
@@ -50,6 +81,10 @@ def ui_url(port: int = 5000, study: str | None = None) -> str:
 def ui(port: int = 5000) -> None:
     """The MLflow UI of the harness store on 127.0.0.1 (until Ctrl-C)."""
     p = get_paths()
+    if p.tracking_uri.startswith(("http://", "https://")):
+        from harness.errors import HarnessError
+
+        raise HarnessError(f"the store is the tracking server at {p.tracking_uri}: open it in a browser, it is the UI")
     subprocess.run(
         [
             sys.executable,

@@ -28,7 +28,13 @@ def setup(study: str) -> str:
     mlflow.set_tracking_uri(paths.tracking_uri)
     exp = mlflow.get_experiment_by_name(study)
     if exp is None:
-        exp_id = mlflow.create_experiment(study, artifact_location=(paths.artifact_root / study).as_uri())
+        # A tracking server keeps the artifacts itself (proxied, `harness server`); a local store keeps them here.
+        remote = paths.tracking_uri.startswith(("http://", "https://"))
+        location = None if remote else (paths.artifact_root / study).as_uri()
+        try:
+            exp_id = mlflow.create_experiment(study, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another process (a worker, a second study) made it first
+            exp_id = mlflow.get_experiment_by_name(study).experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
