@@ -242,7 +242,8 @@ def serve(oracle, dist: Distributed, supervise=None, poll: float = 0.5) -> dict:
             silent = not oracle.ongoing_trials and not any(oracle.alive(t) for t in oracle._last_seen)
             if silent and time.monotonic() - last > dist.startup_timeout and not oracle.finished():
                 oracle.abort_reason = oracle.abort_reason or (
-                    f"no worker for {dist.startup_timeout:.0f} s" if oracle._last_seen else "no worker came")
+                    f"no worker for {dist.startup_timeout:.0f} s" if oracle._last_seen else "no worker came"
+                )
         # Linger until the live workers have been told STOPPED (else they wait for a chief that is gone).
         end, at_least = time.monotonic() + dist.worker_timeout, time.monotonic() + 2.0
         while time.monotonic() < end:

@@ -12,6 +12,7 @@ small thread pool while the backbone runs on the previous batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -146,6 +147,20 @@ def _read_maps(shelf: Path, sha1: str, into: np.ndarray, i: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def shelf_lock(shelf: Path):
+    """An exclusive lock on a shelf (fcntl.flock on `.lock`): released when the holder ends, even killed."""
+    import fcntl
+
+    shelf.mkdir(parents=True, exist_ok=True)
+    with open(shelf / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _write(shelf: Path, sha1: str, maps: np.ndarray) -> np.ndarray:
     path = entry_path(shelf, sha1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +213,15 @@ def features_for(
         )
         return len(todo)
 
-    extracted = reextract(missing) if missing else 0
+    extracted = 0
+    if missing:
+        # One process extracts, the others wait and then read: workers of one study never extract an image twice.
+        with shelf_lock(shelf):
+            still = [i for i in missing if _read_pooled(shelf, task.sha1s[i]) is None]
+            for i in set(missing) - set(still):
+                pooled[i] = _read_pooled(shelf, task.sha1s[i])
+            missing = still
+            extracted = reextract(missing) if missing else 0
     if 0 < extracted < len(set(task.sha1s)):
         log.info("feature store: %d of %d images extracted, the rest read", extracted, len(set(task.sha1s)))
     state = "hit" if not missing else ("miss" if len(missing) == len(task.sha1s) else "partial")

@@ -265,7 +265,12 @@ def work(
         )
         beat = Heartbeat(tuner.oracle.stub, worker_id, chief_timeout=chief_timeout)
         beat.start()
-        log.info("worker %s: working on the %s search", worker_id, key)
+        log.info(
+            "worker %s: working on the %s search (%d images extracted here, the rest read from the store)",
+            worker_id,
+            key,
+            prep.info["extracted"],
+        )
         try:
             tuner.search(verbose=0)
         finally:

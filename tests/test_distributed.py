@@ -109,6 +109,8 @@ def test_a_worker_killed_mid_trial_and_restarted_finishes_it(tmp_path, harness_h
         out = chief.communicate(timeout=400)[0]
         assert chief.returncode == 0, out[-3000:]
         assert worker.wait(timeout=120) == 0
+        # the chief extracted the features before serving; the worker read them: nothing extracted twice
+        assert "(0 images extracted here, the rest read from the store)" in worker.stdout.read()
     finally:
         _kill(chief)
         _kill(worker)
