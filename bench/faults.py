@@ -124,13 +124,11 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep the two stores in this folder")
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    # Every phase at least once, the rest at random; each kill after a random delay into its phase.
-    order = list(PHASES) + [rng.choice(list(PHASES)) for _ in range(max(0, a.kills - len(PHASES)))]
-    rng.shuffle(order)
-    plan = [
-        (phase, rng.randint(1, 3) if phase in ("trials", "extraction", "refit") else 1, rng.uniform(0, 1.5))
-        for phase in order
-    ]
+    # The phases in the order a study meets them (each resumed run goes on from where the last was killed), the
+    # report last; each kill at a random start of its phase and a random delay into it.
+    cycle = ["extraction", "trials", "refit", "registration"]
+    order = [cycle[i % len(cycle)] for i in range(max(1, a.kills - 1))] + ["report"]
+    plan = [(phase, rng.randint(1, 3) if phase == "trials" else 1, rng.uniform(0, 1.0)) for phase in order]
     base = a.keep or Path(tempfile.mkdtemp(prefix="faults-"))
     name = __import__("yaml").safe_load(a.recipe.read_text())["study"]
     t0 = time.time()
