@@ -36,7 +36,7 @@ def postgres(folder: Path) -> tuple[str, list, Path]:
         return shutil.which(name) or str(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))[-1])
 
     run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if run_as:
         shutil.chown(folder, "postgres", "postgres")
     port, data = free_port(), folder / "data"
@@ -118,7 +118,8 @@ def main() -> None:
     if a.epochs:
         raw["training"]["epochs"] = a.epochs
     rows = {}
-    uri_pg, stop_pg, pg_folder = postgres(Path(tempfile.mkdtemp(prefix="dist-pg-")) / "pg")
+    # The temporary folder itself goes to the postgres user: a folder inside a root-only (0700) one is unreachable.
+    uri_pg, stop_pg, pg_folder = postgres(Path(tempfile.mkdtemp(prefix="dist-pg-")))
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "server", "--port", str(port), "--backend-store-uri", uri_pg],
@@ -156,7 +157,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
         subprocess.run(stop_pg, capture_output=True)
-        shutil.rmtree(pg_folder.parent, ignore_errors=True)
+        shutil.rmtree(pg_folder, ignore_errors=True)
     ratios = {
         f"{s}: 2 workers / 1": rows[(s, 2)]["trials_per_min"] / rows[(s, 1)]["trials_per_min"]
         for s in ("sqlite", "postgresql")

@@ -86,11 +86,15 @@ def child(n: int, image_size: int, folder: Path) -> dict:
     forward = forward_fn(backbone, "lite", "grey")
     batch = tf.constant(np.random.default_rng(0).integers(0, 256, (32, image_size, image_size, 3), dtype=np.uint8))
     forward(batch)
-    rounds = 16
-    tr = time.perf_counter()
-    for _ in range(rounds):
-        forward(batch).numpy()
-    raw_ips = rounds * 32 / (time.perf_counter() - tr)
+    # The best of 5 timings of 16 batches: one short timing moved by a third between runs on a shared 2-core machine,
+    # and the ceiling is the fastest the forward pass can go here.
+    rounds, timings = 16, []
+    for _ in range(5):
+        tr = time.perf_counter()
+        for _ in range(rounds):
+            forward(batch).numpy()
+        timings.append(time.perf_counter() - tr)
+    raw_ips = rounds * 32 / min(timings)
     extract_ips = extracted / parent["extract_seconds"]
     return {
         "images": n,

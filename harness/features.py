@@ -70,21 +70,28 @@ def extract(
 ) -> np.ndarray | None:
     """Backbone outputs (feature maps) for images `idx` of a task (default all), streamed: decoding of the next
     batches overlaps the backbone's work on this one. With `on_batch(positions, maps)` nothing is kept and None is
-    returned (the store writes as it goes); otherwise the maps come back as one array."""
+    returned (the store writes as it goes, in a thread of its own so that writing one batch's entries overlaps the
+    next batch's forward pass); otherwise the maps come back as one array."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import tensorflow as tf
 
     idx = np.arange(len(task.y)) if idx is None else np.asarray(idx, dtype=int)
     forward = forward_fn(backbone_model, preprocess, colour)
-    out = []
-    with Progress(transient=True) as progress:
+    out, pending = [], []
+    with Progress(transient=True) as progress, ThreadPoolExecutor(1) as writer:
         job = progress.add_task(label, total=len(idx))
         for pos, images in task.batches(idx, batch_size):
             maps = forward(tf.constant(images)).numpy()
             if on_batch is not None:
-                on_batch(pos, maps)
+                pending.append(writer.submit(on_batch, pos, maps))
+                if len(pending) > 2:  # at most two batches of maps wait for the disk: memory stays flat
+                    pending.pop(0).result()
             else:
                 out.append(maps)
             progress.advance(job, len(pos))
+        for f in pending:
+            f.result()  # a write that failed raises here, before the store is used
     if on_batch is not None:
         return None
     return np.concatenate(out) if out else np.zeros((0,) + tuple(backbone_model.output.shape[1:]), np.float32)
