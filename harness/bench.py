@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
         "train_images": len(prep.task.splits["train"]),
         "repeats": repeats,
     }
-    with tracking.run(f"trial bench {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}) as parent:
+    with tracking.run(f"trial bench {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}):
         for pooling in ("avg", "flatten"):
             space = recipe.search.model_copy(
                 update={
@@ -241,20 +242,25 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
             )
             harness_s, rss = [], []
             for r in range(repeats):
+                # A fresh search each repeat: its own tuner folder and its own parent run. A search finds its
+                # trials' runs under its parent, and a trial already FINISHED there is not trained again (resume),
+                # so repeats sharing one parent would time a lookup instead of a trial.
                 project = get_paths().tuner_dir / "bench" / f"trial-{pooling}-{r}"
-                tuner = make_tuner(
-                    HeadHyperModel(prep, space),
-                    space,
-                    project,
-                    False,
-                    parent.info.run_id,
-                    tcfg.epochs,
-                    1,
-                    search_folds(prep, 1, space.seed),
-                )
-                t0 = time.perf_counter()
-                tuner.search(verbose=0)
-                harness_s.append(time.perf_counter() - t0)
+                shutil.rmtree(project, ignore_errors=True)
+                with tracking.run(f"trial bench {pooling} {r}", nested=True, tags={"harness.kind": "bench"}) as rep:
+                    tuner = make_tuner(
+                        HeadHyperModel(prep, space),
+                        space,
+                        project,
+                        False,
+                        rep.info.run_id,
+                        tcfg.epochs,
+                        1,
+                        search_folds(prep, 1, space.seed),
+                    )
+                    t0 = time.perf_counter()
+                    tuner.search(verbose=0)
+                    harness_s.append(time.perf_counter() - t0)
                 rss.append(current_rss_mib())
                 (trial,) = tuner.oracle.trials.values()
                 if trial.status != "COMPLETED":
