@@ -100,7 +100,9 @@ def test_source_audit_says_so_when_the_source_gives_the_label_away(tmp_path, lea
 
 
 @pytest.mark.slow
-def test_report_compares_the_grey_and_colour_policies_when_both_ran(tmp_path):
+def test_two_models_of_one_backbone_register_apart_and_the_report_compares_their_colour_policies(
+    tmp_path, mlflow_client
+):
     path = write_recipe(
         tmp_path / "r.yaml",
         **{
@@ -116,6 +118,9 @@ def test_report_compares_the_grey_and_colour_policies_when_both_ran(tmp_path):
         },
     )
     assert CliRunner().invoke(app, ["tune", str(path)]).exit_code == 0
+    # Same task and backbone, two keys: each model is registered under its own key, one version each.
+    for name in ("tiny-task1-efficientnet_lite0", "tiny-task1-lite0-rgb"):
+        assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 1
     assert CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")]).exit_code == 0
     md = (tmp_path / "report" / "report.md").read_text()
     section = md.split("## Colour policy: greyscale against RGB")[1].split("\n## ")[0]
