@@ -25,7 +25,8 @@ from harness.fit import FitResult, Fold, fit_on, optimizer_factory, predict
 from harness.models.backbones import SPECS
 from harness.models.heads import augmentation, average, penultimate
 from harness.prepared import Prepared, full_model, refresh_backbone
-from harness.recipe import HeadConfig, TrainingConfig
+from harness.recipe import HeadConfig, SearchConfig, TrainingConfig
+from harness.search import Best, head_from_values
 
 log = logging.getLogger(__name__)
 EMBED_SAMPLE = 2000  # images whose penultimate features are logged for the report's t-SNE (stratified)
@@ -68,6 +69,34 @@ def final_folds(prep: Prepared, mode: str, folds: list[Fold], pool: np.ndarray |
     """The folds the final members train on: the search's folds (single split, or the K folds of an ensemble), or
     all of `pool` (default train+validation) with nothing held out for a refit."""
     return [Fold(prep.task.pool() if pool is None else pool)] if mode == "refit" else folds
+
+
+def fit_best(
+    prep: Prepared,
+    found: Best,
+    space: SearchConfig,
+    tcfg: TrainingConfig,
+    folds: list[Fold],
+    mode: str,
+    refit_pool: np.ndarray | None = None,
+) -> FinalModel:
+    """The final model of a search's best trial: its head and learning rate, fitted from a fresh session and seed,
+    for the epoch count the folds chose (a single split keeps its best validation epoch instead)."""
+    head_cfg, lr = head_from_values(found.values, space)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(space.seed)
+    return fit_final(
+        prep,
+        head_cfg,
+        lr,
+        tcfg,
+        folds,
+        space.seed,
+        space.objective,
+        epochs=found.epoch + 1 if mode != "single" else None,
+        mode=mode,
+        refit_pool=refit_pool,
+    )
 
 
 def fit_final(

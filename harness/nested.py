@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import keras
 import mlflow
 import numpy as np
 
@@ -19,9 +18,9 @@ from harness.baseline import floor_model
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.evaluate import log_predictions, mcnemar, metrics, prediction_rows
-from harness.finalize import fit_final, member_predict
+from harness.finalize import fit_best, member_predict
 from harness.prepared import Prepared
-from harness.search import HeadHyperModel, best_of, head_from_values, make_tuner, run_search, search_folds
+from harness.search import HeadHyperModel, best_of, make_tuner, run_search, search_folds
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +61,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             )
             run_search(tuner)
             found = best_of(tuner, mcfg.key)
-            best, score, epoch = found.values, found.score, found.epoch
-            head_cfg, lr = head_from_values(best, space)
-            keras.backend.clear_session()
-            keras.utils.set_random_seed(space.seed)
-            final = fit_final(
-                prep,
-                head_cfg,
-                lr,
-                tcfg,
-                inner,
-                space.seed,
-                space.objective,
-                epochs=epoch + 1 if mode != "single" else None,
-                mode=mode,
-                refit_pool=inner_pool,
-            )
+            best, score = found.values, found.score
+            final = fit_best(prep, found, space, tcfg, inner, mode, refit_pool=inner_pool)
             proba[held] = np.mean([member_predict(prep, final, k, held) for k in range(len(final.members))], axis=0)
             lr_floor = floor_model().fit(prep.pooled[inner_pool], t.y[inner_pool])
             floor[held] = lr_floor.predict_proba(prep.pooled[held])

@@ -11,7 +11,6 @@ import logging
 import time
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 
@@ -20,7 +19,7 @@ from harness.audit import audit
 from harness.baseline import baseline
 from harness.distributed import Distributed, LocalWorkers, serve
 from harness.errors import HarnessError
-from harness.finalize import FinalModel, finish, fit_final, log_final_fit, registered_name
+from harness.finalize import FinalModel, finish, fit_best, log_final_fit, registered_name
 from harness.finetune import finetune_stage
 from harness.nested import nested_estimate
 from harness.paths import get_paths
@@ -156,20 +155,7 @@ def search_model(
                 }
             )
             t1 = time.perf_counter()
-            head_cfg, lr = head_from_values(best, space)
-            keras.backend.clear_session()
-            keras.utils.set_random_seed(space.seed)
-            final = fit_final(
-                prep,
-                head_cfg,
-                lr,
-                tcfg,
-                folds,
-                space.seed,
-                space.objective,
-                epochs=epoch + 1 if mode != "single" else None,
-                mode=mode,
-            )
+            final = fit_best(prep, found, space, tcfg, folds, mode)
             stage, ft_best = "head", {}
             if ft_cfg is not None:
                 final, stage, ft_best = finetune_stage(prep, final, ft_cfg, tcfg, folds, pid, project_dir, resuming)
