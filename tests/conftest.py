@@ -5,6 +5,8 @@ reaches for ImageNet downloads on the network."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def spawn_cli(args, home: Path, uri: str | None = None) -> subprocess.Popen:
+    """`harness ARGS` in a process of its own (own session, so a test can kill its group), with its own home and
+    store (the local SQLite file unless `uri` names another), output captured."""
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HARNESS_HOME": str(home),
+        "MLFLOW_TRACKING_URI": uri or f"sqlite:///{home / 'mlflow.db'}",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )

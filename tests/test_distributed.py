@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 
+from conftest import spawn_cli as _spawn
 from conftest import write_recipe
 
 
@@ -26,23 +26,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _spawn(args, home: Path, uri: str | None = None) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "HARNESS_HOME": str(home),
-        "MLFLOW_TRACKING_URI": uri or f"sqlite:///{home / 'mlflow.db'}",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _trials(client, study="tiny"):

@@ -6,7 +6,6 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 
+from conftest import spawn_cli as _spawn
 from conftest import write_recipe
 
 TWO_MODELS = [{"task": "task2", "backbone": "efficientnet_lite0"}, {"task": "task1", "backbone": "efficientnet_lite0"}]
@@ -24,23 +24,6 @@ def _runs(client, kind, study="tiny", **tags):
     exp = client.get_experiment_by_name(study)
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`harness.kind` = '{kind}'")
     return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
-
-
-def _spawn(args, home: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "HARNESS_HOME": str(home),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
