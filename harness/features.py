@@ -3,10 +3,10 @@ trains only the head (measured ~100x faster than running VGG19 each epoch) and a
 
 Entries are per image, addressed by the image's content hash inside a shelf for (backbone, weights file hash, image
 size, colour policy, preprocessing, store version): Task 1, whose images are a subset of Task 2's, extracts nothing
-after Task 2, and ten new images in a folder extract ten. An entry is one `.npz` holding the average-pooled vector
+after Task 2, and ten new images in a folder extract ten. An entry (`harness.entries`) holds the average-pooled vector
 (float32) beside the whole feature map (float16: half the disk, and a head casts its batches back to float32), so
-average-pooled heads read a few KB an image and never the maps. A zip's CRC catches a corrupt entry and a truncated
-one fails to open: either is extracted again, never used. Extraction streams: images are decoded ahead of use by a
+average-pooled heads read a few KB an image and never the maps. Each part's CRC and length catch a corrupt or
+truncated entry: it is extracted again, never used. Extraction streams: images are decoded ahead of use by a
 small thread pool while the backbone runs on the previous batch.
 """
 
@@ -17,8 +17,6 @@ import hashlib
 import logging
 import os
 import time
-import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +25,13 @@ import numpy as np
 from rich.progress import Progress
 
 from harness.data import TaskData
+from harness.entries import read_entry, write_entry
 from harness.models.backbones import SPECS, WeightsInfo
 from harness.models.layers import preprocessing
 from harness.paths import get_paths
 
 log = logging.getLogger(__name__)
-FEATURE_VERSION = "v3"  # v3: per-image entries (v2: the in-model affine preprocessing)
-BAD_ENTRY = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)  # what a broken entry raises
+FEATURE_VERSION = "v4"  # v4: entry files (v3: per-image .npz; v2: the in-model affine preprocessing)
 
 
 def shelf_key(backbone: str, weights: WeightsInfo, image_size: int, colour: str) -> str:
@@ -42,7 +40,8 @@ def shelf_key(backbone: str, weights: WeightsInfo, image_size: int, colour: str)
 
 
 def entry_path(shelf: Path, sha1: str) -> Path:
-    return shelf / sha1[:2] / f"{sha1}.npz"
+    """An entry of two parts: the pooled vector (float32), then the feature map (float16)."""
+    return shelf / sha1[:2] / f"{sha1}.entry"
 
 
 def forward_fn(backbone_model, preprocess: str, colour: str):
@@ -132,26 +131,21 @@ class Features:
         return self._maps
 
 
-def _read_pooled(shelf: Path, sha1: str) -> np.ndarray | None:
-    """An entry's pooled vector, or None when it is missing, truncated (the zip does not open) or corrupt (the
-    member fails its CRC when read); the maps are not read, so avg heads never touch them."""
-    path = entry_path(shelf, sha1)
-    if not path.is_file():
+def _read_pooled(shelf: Path, sha1: str, channels: int) -> np.ndarray | None:
+    """An entry's pooled vector, or None when it is missing, truncated or corrupt (its part fails its length or
+    CRC); the maps are not read, so avg heads never touch them."""
+    parts = read_entry(entry_path(shelf, sha1), 0)
+    if parts is None or len(parts[0]) != 4 * channels:
         return None
-    try:
-        with np.load(path) as z:
-            return z["pooled"]
-    except BAD_ENTRY:
-        return None
+    return np.frombuffer(parts[0], np.float32)
 
 
 def _read_maps(shelf: Path, sha1: str, into: np.ndarray, i: int) -> bool:
-    try:
-        with np.load(entry_path(shelf, sha1)) as z:
-            into[i] = z["maps"]
-        return True
-    except BAD_ENTRY:
+    parts = read_entry(entry_path(shelf, sha1), 1)
+    if parts is None or len(parts[0]) != into[i].nbytes:
         return False
+    into[i] = np.frombuffer(parts[0], np.float16).reshape(into.shape[1:])
+    return True
 
 
 @contextlib.contextmanager
@@ -168,13 +162,13 @@ def shelf_lock(shelf: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write(shelf: Path, sha1: str, maps: np.ndarray) -> np.ndarray:
-    path = entry_path(shelf, sha1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pooled = maps.mean(axis=(0, 1)).astype(np.float32) if maps.ndim == 3 else maps.astype(np.float32)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, pooled=pooled, maps=maps.astype(np.float16))
-    os.replace(tmp, path)  # atomic: a killed extraction never leaves half an entry
+def _write_batch(shelf: Path, sha1s: list[str], maps: np.ndarray) -> np.ndarray:
+    """One entry per image of a batch of maps; returns the batch's pooled vectors. The pooling and the float16
+    cast run once on the whole batch: per image they cost as much as the file itself."""
+    pooled = maps.mean(axis=(1, 2)).astype(np.float32) if maps.ndim == 4 else maps.astype(np.float32)
+    maps16 = maps.astype(np.float16)
+    for sha1, vec, m in zip(sha1s, pooled, maps16):
+        write_entry(entry_path(shelf, sha1), vec.tobytes(), m.tobytes())  # atomic: never half an entry
     return pooled
 
 
@@ -191,7 +185,7 @@ def features_for(
     for i, sha1 in enumerate(task.sha1s):
         vec = seen.get(sha1)
         if vec is None:
-            vec = _read_pooled(shelf, sha1)
+            vec = _read_pooled(shelf, sha1, map_shape[-1])
         if vec is None:
             missing.append(i)
         else:
@@ -206,8 +200,9 @@ def features_for(
         todo = np.array(sorted(ix[0] for ix in where.values()))
 
         def store(pos, maps):
-            for p, m in zip(pos, maps):
-                pooled[where[task.sha1s[todo[p]]]] = _write(shelf, task.sha1s[todo[p]], m)
+            sha1s = [task.sha1s[todo[p]] for p in pos]
+            for sha1, vec in zip(sha1s, _write_batch(shelf, sha1s, maps)):
+                pooled[where[sha1]] = vec
 
         extract(
             backbone_model,
@@ -224,9 +219,9 @@ def features_for(
     if missing:
         # One process extracts, the others wait and then read: workers of one study never extract an image twice.
         with shelf_lock(shelf):
-            still = [i for i in missing if _read_pooled(shelf, task.sha1s[i]) is None]
+            still = [i for i in missing if _read_pooled(shelf, task.sha1s[i], map_shape[-1]) is None]
             for i in set(missing) - set(still):
-                pooled[i] = _read_pooled(shelf, task.sha1s[i])
+                pooled[i] = _read_pooled(shelf, task.sha1s[i], map_shape[-1])
             missing = still
             extracted = reextract(missing) if missing else 0
     if 0 < extracted < len(set(task.sha1s)):

@@ -135,7 +135,7 @@ def test_decode_cache_reuses_and_invalidates_on_content(tmp_path):
     f = _img(tmp_path / "a.png", seed=1)
     first = decode(f, 32, "grey", tmp_path / "c", 8, 10**8)
     again = decode(f, 32, "grey", tmp_path / "c", 8, 10**8)
-    assert (first.array == again.array).all() and len(list((tmp_path / "c").rglob("*.npz"))) == 1
+    assert (first.array == again.array).all() and len(list((tmp_path / "c").rglob("*.entry"))) == 1
     _img(f, seed=2)
     changed = decode(f, 32, "grey", tmp_path / "c", 8, 10**8)
     assert changed.sha1 != first.sha1 and not (changed.array == first.array).all()

@@ -7,6 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from harness.cli import app
+from harness.entries import read_entry, write_entry
 
 from conftest import write_recipe
 
@@ -62,6 +63,21 @@ def test_task1_after_task2_extracts_nothing_and_a_changed_image_only_itself(tmp_
     assert again.data.metrics["extracted_images"] == 1 and again.data.tags["feature_cache"] == "partial"
 
 
+def test_an_entry_reads_back_its_parts_and_reads_as_none_when_truncated_or_flipped(tmp_path):
+    path = tmp_path / "a" / "b.entry"
+    write_entry(path, b"first", bytes(range(256)) * 4)
+    assert read_entry(path) == [b"first", bytes(range(256)) * 4] and read_entry(path, 1) == [bytes(range(256)) * 4]
+    whole = path.read_bytes()
+    for cut in (0, 3, 20, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        assert read_entry(path) is None, cut
+    flipped = bytearray(whole)
+    flipped[-10] ^= 0x01  # inside the second part
+    path.write_bytes(bytes(flipped))
+    assert read_entry(path, 1) is None and read_entry(path, 0) == [b"first"]  # each part is checked on its own
+    assert read_entry(tmp_path / "missing.entry") is None
+
+
 def test_a_broken_store_entry_is_extracted_again_never_used(tmp_path, session_cache):
     from harness.data import prepare_task
     from harness.features import entry_path, features_for
@@ -77,7 +93,7 @@ def test_a_broken_store_entry_is_extracted_again_never_used(tmp_path, session_ca
     truncated, corrupt = entry_path(first.shelf, task.sha1s[0]), entry_path(first.shelf, task.sha1s[1])
     truncated.write_bytes(truncated.read_bytes()[:200])
     raw = bytearray(corrupt.read_bytes())
-    raw[raw.find(b"pooled") + 200] ^= 0xFF  # a flipped byte inside the pooled member's data
+    raw[-2 * int(np.prod(first.map_shape)) - 100] ^= 0xFF  # inside the pooled vector, the part before the float16 maps
     corrupt.write_bytes(bytes(raw))
     second, info = features_for(task, "efficientnet_lite0", backbone, w, 32, "grey")
     assert info["extracted"] == 2 and info["feature_cache"] == "partial"
@@ -102,8 +118,8 @@ def test_a_study_run_twice_gives_identical_features_and_trials(tmp_path, monkeyp
         c = tracking.client()
         exp = c.get_experiment_by_name("tiny")
         trials = c.search_runs([exp.experiment_id], filter_string="tags.`harness.kind` = 'trial'")
-        entries = sorted((tmp_path / f"cache{k}" / "features").rglob("*.npz"))
-        pooled = [np.load(e)["pooled"] for e in entries]
+        entries = sorted((tmp_path / f"cache{k}" / "features").rglob("*.entry"))
+        pooled = [read_entry(e, 0)[0] for e in entries]
         results.append(
             (
                 {t.data.tags["trial_id"]: t.data.metrics["best_val_loss"] for t in trials},

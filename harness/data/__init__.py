@@ -16,7 +16,7 @@ import numpy as np
 from rich.progress import track
 
 from harness.data.dupes import find_duplicates
-from harness.data.images import Decoded, decode
+from harness.data.images import Decoded, cached_array, decode
 from harness.data.scan import Item, class_folders, class_mismatch, scan
 from harness.data.splits import groups_from_names, make_splits
 from harness.data.synthetic import ensure_demo_data
@@ -49,10 +49,16 @@ class TaskData:
 
     def images(self, idx) -> np.ndarray:
         """(len(idx), S, S, 3) uint8 images, decoded as the task decoded them (read back from the decode cache, so
-        no task holds all its images in memory)."""
+        no task holds all its images in memory). The cache is addressed by the content hash recorded when the task
+        was prepared, so what comes back is always the image that was validated; only an entry gone missing sends
+        the original file through decoding again, and then its bytes must still hash to the recorded value."""
         cache = get_paths().image_cache
         out = np.empty((len(idx), self.image_size, self.image_size, 3), np.uint8)
         for k, i in enumerate(np.asarray(idx, dtype=int)):
+            a = cached_array(cache, self.sha1s[i], self.image_size, self.colour)
+            if a is not None:
+                out[k] = a
+                continue
             d = decode(self.files[i], self.image_size, self.colour, cache, *self.decode_limits)
             if d.problem or d.sha1 != self.sha1s[i]:
                 raise HarnessError(

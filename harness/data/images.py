@@ -1,13 +1,15 @@
 """Decoding, validation and preprocessing of image files, with a per-image cache on disk.
 
-Each file is decoded and resized once per (content, size, colour) and stored as a small .npy, so later runs, trials
-and tasks sharing images (Task 1's files are a subset of Task 2's) skip JPEG decoding of multi-megapixel originals.
+Each file is decoded and resized once per (content, size, colour) and stored as a small entry file
+(`harness.entries`), so later runs, trials and tasks sharing images (Task 1's files are a subset of Task 2's) skip
+JPEG decoding of multi-megapixel originals.
 Greyscale is the default because in the COVID data colour mode alone separates the classes (a source shortcut).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,9 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from harness.data.dupes import dhash
+from harness.entries import read_entry, write_entry
 
-CACHE_VERSION = "v3"  # bump when the decoding below changes, so stale cached arrays are never reused
+CACHE_VERSION = "v4"  # bump when the decoding or the entry format changes, so stale entries are never reused
 
 
 @dataclass
@@ -58,6 +61,20 @@ def preprocess(img: Image.Image, size: int, colour: str) -> np.ndarray:
     return a
 
 
+def cache_path(cache_dir: Path, sha1: str, size: int, colour: str) -> Path:
+    """An entry of three parts: the original's metadata (JSON), the decoded pixels, the packed difference hash."""
+    return cache_dir / CACHE_VERSION / f"{size}-{colour}" / sha1[:2] / f"{sha1}.entry"
+
+
+def cached_array(cache_dir: Path, sha1: str, size: int, colour: str) -> np.ndarray | None:
+    """The decoded image of these bytes from the cache (only its pixels part, and no re-hashing of a multi-megabyte
+    original), or None when the entry is missing or broken."""
+    parts = read_entry(cache_path(cache_dir, sha1, size, colour), 1)
+    if parts is None or len(parts[0]) != size * size * 3:
+        return None
+    return np.frombuffer(parts[0], np.uint8).reshape(size, size, 3)
+
+
 def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, max_pixels: int) -> Decoded:
     """Validate and preprocess one file; problems are returned (not raised) so all can be reported at once."""
     try:
@@ -67,18 +84,19 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
     if not data:
         return Decoded(None, "", "?", 0, 0, f"{path}: empty file (0 bytes)")
     sha1 = hashlib.sha1(data).hexdigest()
-    cached = cache_dir / CACHE_VERSION / f"{size}-{colour}" / sha1[:2] / f"{sha1}.npz"
-    if cached.is_file():
-        with np.load(cached) as z:
-            return Decoded(
-                z["a"],
-                sha1,
-                str(z["mode"]),
-                int(z["w"]),
-                int(z["h"]),
-                format=str(z["fmt"]),
-                dhash=np.unpackbits(z["dh"]).astype(bool),
-            )
+    cached = cache_path(cache_dir, sha1, size, colour)
+    parts = read_entry(cached)
+    if parts is not None and len(parts) == 3 and len(parts[1]) == size * size * 3:
+        meta = json.loads(parts[0])
+        return Decoded(
+            np.frombuffer(parts[1], np.uint8).reshape(size, size, 3),
+            sha1,
+            meta["mode"],
+            meta["w"],
+            meta["h"],
+            format=meta["fmt"],
+            dhash=np.unpackbits(np.frombuffer(parts[2], np.uint8)).astype(bool),
+        )
     Image.MAX_IMAGE_PIXELS = max_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -102,9 +120,7 @@ def decode(path: Path, size: int, colour: str, cache_dir: Path, min_side: int, m
         return Decoded(None, sha1, "?", 0, 0, f"{path}: not a readable image")
     except (OSError, SyntaxError, ValueError) as e:
         return Decoded(None, sha1, "?", 0, 0, f"{path}: corrupt or truncated image ({e})")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp.npz")
     dh = dhash(arr)
-    np.savez(tmp, a=arr, mode=np.array(mode), w=np.array(w), h=np.array(h), fmt=np.array(fmt), dh=np.packbits(dh))
-    tmp.replace(cached)  # atomic: a killed run never leaves a half-written cache entry
+    meta = json.dumps({"mode": mode, "w": w, "h": h, "fmt": fmt}).encode()
+    write_entry(cached, meta, np.ascontiguousarray(arr).tobytes(), np.packbits(dh).tobytes())
     return Decoded(arr, sha1, mode, w, h, format=fmt, dhash=dh)
