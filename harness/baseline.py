@@ -18,8 +18,27 @@ from harness.evaluate import log_predictions, metrics, prediction_rows
 from harness.prepared import Prepared
 
 
+class ChunkedScaler(StandardScaler):
+    """StandardScaler fitted over row chunks with `partial_fit`: the same float64 running mean and variance, without
+    the float64 temporaries of the whole matrix that `fit` makes (~200 MB at 12,800 images x 1,280 features, the
+    largest allocation of a real-size study; the floor's memory now stays flat as the data grows)."""
+
+    CHUNK = 1024
+
+    def fit(self, X, y=None, sample_weight=None):
+        for fitted in ("n_samples_seen_", "mean_", "var_", "scale_"):  # a refit starts again, as fit() would
+            self.__dict__.pop(fitted, None)
+        for s in range(0, len(X), self.CHUNK):
+            w = None if sample_weight is None else sample_weight[s : s + self.CHUNK]
+            self.partial_fit(X[s : s + self.CHUNK], sample_weight=w)
+        return self
+
+
 def floor_model():
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    """Scaling in place (`copy=False`) of the rows sklearn's indexing has already copied (`x[idx]`, and every CV
+    fold): one copy of the data less; the task's pooled vectors themselves are read-only, so sklearn copies them
+    rather than scale them if they are ever passed whole."""
+    return make_pipeline(ChunkedScaler(copy=False), LogisticRegression(max_iter=3000))
 
 
 def baseline(prep: Prepared, parent_run_id: str) -> dict:

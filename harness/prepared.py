@@ -49,7 +49,11 @@ class Prepared:
 
     @property
     def pooled(self) -> np.ndarray:
-        return self.features.pooled
+        """The task's pooled vectors, read-only: the floor scales its rows in place (sklearn copies a read-only
+        array before it would write into it), and no head or stage may change what the store returned."""
+        view = self.features.pooled.view()
+        view.flags.writeable = False
+        return view
 
     def head_input_shape(self, pooling: str) -> tuple:
         maps = tuple(self.backbone.output.shape[1:])

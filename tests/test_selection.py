@@ -26,6 +26,37 @@ def _tune(path):
     return res
 
 
+def test_the_floor_scaler_fitted_in_chunks_gives_the_standard_scalers_mean_and_scale():
+    from sklearn.preprocessing import StandardScaler
+
+    from harness.baseline import ChunkedScaler
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(5.0, 3.0, (2500, 40)) * rng.random(40)).astype(np.float32)  # 3 chunks, the last one short
+    whole, chunked = StandardScaler().fit(x), ChunkedScaler().fit(x)
+    assert chunked.n_samples_seen_ == 2500
+    np.testing.assert_allclose(chunked.mean_, whole.mean_, rtol=1e-12)
+    np.testing.assert_allclose(chunked.scale_, whole.scale_, rtol=1e-10)
+    chunked.fit(x[:100])  # a refit forgets the first fit, as StandardScaler.fit does
+    np.testing.assert_allclose(chunked.mean_, StandardScaler().fit(x[:100]).mean_, rtol=1e-12)
+
+
+def test_the_floor_scales_in_place_only_copies_never_the_read_only_pooled_vectors():
+    from harness.baseline import floor_model
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(2.0, 1.0, (300, 16)).astype(np.float32)
+    y = (x[:, 0] > 2.0).astype(int)
+    original = x.copy()
+    pooled = x.view()
+    pooled.flags.writeable = False  # as Prepared.pooled hands them out
+    model = floor_model().fit(pooled, y)
+    proba = model.predict_proba(pooled)
+    model.fit(pooled[::2], y[::2])
+    np.testing.assert_array_equal(x, original)
+    assert proba.shape == (300, 2) and (proba.argmax(1) == y).mean() > 0.9
+
+
 def test_cv_folds_never_split_a_patient_and_cover_the_pool_once():
     labels = np.repeat([0, 1, 2], 40)
     names = [Path(f"c{y}/person{i // 4}_{y}_{i}.jpeg") for i, y in enumerate(labels)]
