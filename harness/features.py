@@ -221,9 +221,13 @@ def features_for(
     if missing:
         # One process extracts, the others wait and then read: workers of one study never extract an image twice.
         with shelf_lock(shelf):
-            still = [i for i in missing if _read_pooled(shelf, task.sha1s[i], map_shape[-1]) is None]
-            for i in set(missing) - set(still):
-                pooled[i] = _read_pooled(shelf, task.sha1s[i], map_shape[-1])
+            still = []
+            for i in missing:  # what another process extracted while this one waited for the lock
+                vec = _read_pooled(shelf, task.sha1s[i], map_shape[-1])
+                if vec is None:
+                    still.append(i)
+                else:
+                    pooled[i] = vec
             missing = still
             extracted = reextract(missing) if missing else 0
     if 0 < extracted < len(set(task.sha1s)):
