@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -20,9 +21,11 @@ _PART = struct.Struct("<QI")  # length, CRC32
 
 def write_entry(path: Path, *parts: bytes) -> None:
     """`parts` into `path` through a temporary file and a rename: a killed writer leaves the old entry or none,
-    never half of one. The folder is made on first use."""
+    never half of one. The temporary name carries process and thread, so concurrent writers of one entry (workers of
+    a study, the decode-ahead threads meeting a duplicate image) never share a file. The folder is made on first
+    use."""
     head = _COUNT.pack(MAGIC, len(parts)) + b"".join(_PART.pack(len(p), zlib.crc32(p)) for p in parts)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         f = open(tmp, "wb")
     except FileNotFoundError:

@@ -78,6 +78,27 @@ def test_an_entry_reads_back_its_parts_and_reads_as_none_when_truncated_or_flipp
     assert read_entry(tmp_path / "missing.entry") is None
 
 
+def test_threads_writing_one_entry_at_once_all_succeed_and_leave_one_whole_entry(tmp_path):
+    import threading
+
+    path, versions, errors = tmp_path / "e" / "same.entry", [bytes([k]) * 50_000 for k in range(4)], []
+
+    def write(k):
+        try:
+            for _ in range(200):
+                write_entry(path, versions[k])
+        except OSError as e:  # a shared temporary file: one thread renames it away under another
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and read_entry(path)[0] in versions
+    assert [p.name for p in path.parent.iterdir()] == ["same.entry"]  # no temporary file left behind
+
+
 def test_a_broken_store_entry_is_extracted_again_never_used(tmp_path, session_cache):
     from harness.data import prepare_task
     from harness.features import entry_path, features_for
