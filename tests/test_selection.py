@@ -230,3 +230,57 @@ def test_finetune_with_refit_is_refused_in_one_line(tmp_path):
 def test_nested_cv_of_one_fold_is_refused(tmp_path):
     res = CliRunner().invoke(app, ["tune", str(write_recipe(tmp_path / "r.yaml", **{"search.nested_cv": 1}))])
     assert res.exit_code == 2 and "search.nested_cv" in res.output and "at least 2" in res.output
+
+
+def test_readouts_top_average_is_what_the_harness_trains_on_and_no_test_image_is_read(tmp_path):
+    from harness.prepared import prepare
+    from harness.readouts import TOP, readouts
+    from harness.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
+    prep = prepare(recipe, recipe.model())
+    task, pool, seen = prep.task, prep.task.pool(), []
+    images = task.images
+    task.images = lambda idx: (seen.extend(np.asarray(idx).tolist()), images(idx))[1]
+    feats = readouts(task, pool, recipe.model().backbone, prep.image_size)
+    assert sorted(seen) == pool.tolist() and not set(seen) & set(task.splits["test"].tolist())
+    np.testing.assert_allclose(feats[f"{TOP} avg"], prep.pooled[pool], rtol=1e-4, atol=1e-4)
+    assert len([n for n in feats if n.startswith("stage")]) == 7  # Lite0's seven stages of blocks
+    assert all(len(x) == len(pool) for x in feats.values())
+
+
+@pytest.mark.slow
+def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_validation(tmp_path):
+    import subprocess
+    import sys
+
+    from harness.data import prepare_task
+    from harness.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "r.yaml")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "readouts.py"),
+            "--recipe",
+            str(path),
+            "--model",
+            "task2-efficientnet_lite0",
+            "--repeats",
+            "1",
+            "--c",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    recipe = load_recipe(path)
+    m = recipe.model()
+    pool = prepare_task(recipe, m.task, recipe.image_size_for(m), recipe.colour_for(m)).pool()
+    assert result["images"] == len(pool)
+    assert result["reference"] in result["scores"] and len(result["scores"]) == 13
+    assert all(0.0 <= s["C=0.1"]["accuracy"] <= 1.0 for s in result["scores"].values())

@@ -1,0 +1,43 @@
+"""Would another readout of the frozen backbone help? Linear-probe accuracy of the top map average-pooled (what the
+harness trains on) against earlier stages, max pooling and image halves, under repeated patient-grouped 5-fold CV
+of train+validation (the test split is not read), at several regularisation strengths. Skips when the shared
+challenge data is absent.
+
+    python bench/readouts.py                                    # Task 2, Lite0, the shared challenge data
+    python bench/readouts.py --model task2-efficientnet_lite1 --repeats 5
+    python bench/readouts.py --recipe recipes/demo.yaml --model task1-efficientnet_lite0 --repeats 1 --c 0.1
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import harness  # noqa: F401  (thread settings before TensorFlow)
+from harness.cli import setup_logging
+from harness.errors import HarnessError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "challenge.yaml")
+    ap.add_argument("--model", default="task2-efficientnet_lite0", help="task-backbone")
+    ap.add_argument("--c", type=float, action="append", default=None, help="probe C; repeatable (0.01 0.1 1)")
+    ap.add_argument("--repeats", type=int, default=5, help="different 5-fold splits averaged")
+    ap.add_argument("--data-root", default=None)
+    a = ap.parse_args()
+    setup_logging(logging.INFO)
+    from harness.data import data_root
+    from harness.readouts import main_readouts
+    from harness.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(a.recipe, {"data.root": a.data_root})
+        if a.data_root is None and recipe.data.synthetic is None and not data_root(recipe).is_dir():
+            print(f"skipped: no data at {data_root(recipe)} (pass --data-root)")
+            sys.exit(0)
+        main_readouts(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

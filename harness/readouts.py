@@ -1,0 +1,168 @@
+"""Readouts: what else a frozen backbone's maps could give a head besides the one average-pooled top vector the
+harness trains on — the pooled outputs of earlier stages, the top maps pooled by max as well, or by image halves
+(left/right lung, upper/lower zone) — each scored by the floor's own linear probe (standardised logistic
+regression) under repeated stratified, patient-grouped cross-validation of train+validation. The test split is
+never read: this answers "would another readout help the procedure", not "which one wins on the test images".
+
+Only the EfficientNet-Lite backbones are known here (their stage ends are named by `efficientnet_lite`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import keras
+import mlflow
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from harness import tracking
+from harness.data import TaskData, prepare_task
+from harness.data.splits import cv_folds
+from harness.errors import HarnessError
+from harness.models.backbones import SPECS, build_backbone
+from harness.models.layers import preprocessing
+from harness.recipe import Recipe
+
+TOP = "top"  # the harness's own readout: the last map, average-pooled
+
+
+def stage_ends(backbone: keras.Model) -> list[tuple[str, keras.KerasTensor]]:
+    """(name, output) of the last block of every stage (where the channel count changes next) and the top map."""
+    names = {layer.name for layer in backbone.layers}
+    if "head_relu" not in names:
+        raise HarnessError(f"readouts know the EfficientNet-Lite backbones only, not '{backbone.name}'")
+
+    def block(b: int):
+        for suffix in ("add", "project_bn"):  # a block with a residual ends at its add
+            if f"block{b}_{suffix}" in names:
+                return backbone.get_layer(f"block{b}_{suffix}").output
+        return None
+
+    ends, b = [], 0
+    while (out := block(b)) is not None:
+        nxt = block(b + 1)
+        if nxt is None or nxt.shape[-1] != out.shape[-1]:
+            ends.append((f"stage{len(ends) + 1}", out))
+        b += 1
+    return [*ends, (TOP, backbone.get_layer("head_relu").output)]
+
+
+def readouts(
+    task: TaskData,
+    idx: np.ndarray,
+    backbone_name: str,
+    image_size: int,
+    weights: str = "imagenet",
+    mirror: str | None = None,
+    batch: int = 32,
+) -> dict:
+    """name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone."""
+    backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
+    ends = stage_ends(backbone)
+    multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
+    pre = preprocessing(SPECS[backbone_name].preprocess, task.colour)
+    parts: dict[str, list[np.ndarray]] = {}
+
+    def add(name, value):
+        parts.setdefault(name, []).append(np.asarray(value, np.float32))
+
+    for s in range(0, len(idx), batch):
+        outs = [np.asarray(o) for o in multi(pre(task.images(idx[s : s + batch])), training=False)]
+        for (name, _), maps in zip(ends, outs):
+            add(f"{name} avg", maps.mean(axis=(1, 2)))
+        top = outs[-1]
+        # The middle row/column of an odd-sized map belongs to neither half; a 1x1 map (tiny images) is both.
+        h, w = max(1, top.shape[1] // 2), max(1, top.shape[2] // 2)
+        left, right = top[:, :, :w].mean(axis=(1, 2)), top[:, :, -w:].mean(axis=(1, 2))
+        upper, lower = top[:, :h].mean(axis=(1, 2)), top[:, -h:].mean(axis=(1, 2))
+        add("top avg+max", np.concatenate([top.mean(axis=(1, 2)), top.max(axis=(1, 2))], 1))
+        add("top avg+|left-right|", np.concatenate([top.mean(axis=(1, 2)), np.abs(left - right)], 1))
+        add("top halves (left, right, upper, lower)", np.concatenate([left, right, upper, lower], 1))
+    out = {name: np.concatenate(p) for name, p in parts.items()}
+    stages = [f"{name} avg" for name, _ in ends]
+    out["last three stages + top avg"] = np.concatenate([out[n] for n in stages[-4:]], 1)
+    out["every stage + top avg"] = np.concatenate([out[n] for n in stages], 1)
+    return out
+
+
+def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float, repeats: int, seed: int) -> dict:
+    """Mean accuracy and log loss of the floor's probe (C = `c`) over `repeats` different 5-fold grouped splits."""
+    acc, loss = [], []
+    rows = np.arange(len(y))
+    for r in range(repeats):
+        for tr, va in cv_folds(rows, y, groups, 5, seed + r):
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(x[tr], y[tr])
+            p = model.predict_proba(x[va])
+            acc.append(float((p.argmax(1) == y[va]).mean()))
+            loss.append(float(log_loss(y[va], p, labels=np.arange(p.shape[1]))))
+    return {"accuracy": float(np.mean(acc)), "accuracy_sd": float(np.std(acc)), "log_loss": float(np.mean(loss))}
+
+
+def readout_benchmark(recipe: Recipe, model_key: str | None, cs: list[float], repeats: int) -> dict:
+    mcfg = recipe.model(model_key)
+    size, colour = recipe.image_size_for(mcfg), recipe.colour_for(mcfg)
+    t0 = time.perf_counter()
+    task = prepare_task(recipe, mcfg.task, size, colour)
+    idx = task.pool()
+    feats = readouts(task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror)
+    t1 = time.perf_counter()
+    y, groups = task.y[idx], task.groups[idx]
+    scores = {
+        name: {"dims": int(x.shape[1]), **{f"C={c:g}": probe(x, y, groups, c, repeats, recipe.data.seed) for c in cs}}
+        for name, x in feats.items()
+    }
+    ref = f"{TOP} avg"
+    best_acc = {name: max(v["accuracy"] for k, v in s.items() if k != "dims") for name, s in scores.items()}
+    best = max(best_acc, key=best_acc.get)
+    result = {
+        "model": mcfg.key,
+        "image_size": size,
+        "images": len(idx),
+        "repeats": repeats,
+        "readout_s": t1 - t0,
+        "probe_s": time.perf_counter() - t1,
+        "reference": ref,
+        "scores": scores,
+        # The best readout's margin over the harness's own, both at their best C: the figure that says whether
+        # another readout is worth building into the search (a maximum over many noisy scores, so biased upward).
+        "best": best,
+        "best_minus_reference": best_acc[best] - best_acc[ref],
+    }
+    tracking.setup("bench")
+    with tracking.run(f"readouts {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}):
+        mlflow.log_params({"model": mcfg.key, "image_size": size, "repeats": repeats, "C": ",".join(map(str, cs))})
+        mlflow.log_metrics(
+            {
+                re.sub(r"[^\w.\- /]+", "_", f"{name}.{k}.{m}"): v
+                for name, s in scores.items()
+                for k, vals in s.items()
+                if k != "dims"
+                for m, v in vals.items()
+            }
+            | {"best_minus_reference": result["best_minus_reference"], "readout_s": result["readout_s"]}
+        )
+    return result
+
+
+def main_readouts(recipe: Recipe, model_key: str | None, cs: list[float], repeats: int) -> None:
+    r = readout_benchmark(recipe, model_key, cs, repeats)
+    print(
+        f"\nReadouts of {r['model']} ({r['image_size']} px): linear probe accuracy / log loss, {r['repeats']} x 5-fold "
+        f"grouped CV of train+validation ({r['images']} images; test split not read)"
+    )
+    cols = [k for k in next(iter(r["scores"].values())) if k != "dims"]
+    width = max(map(len, r["scores"]))
+    print(f"  {'readout':<{width}}  {'dims':>5}  " + "  ".join(f"{c:>15}" for c in cols))
+    for name, s in r["scores"].items():
+        cells = "  ".join(f"{s[c]['accuracy']:.3f} / {s[c]['log_loss']:.3f}" for c in cols)
+        print(f"  {name:<{width}}  {s['dims']:>5}  {cells}")
+    print(
+        f"  best: {r['best']}, {r['best_minus_reference']:+.3f} over '{r['reference']}' (each at its best C); "
+        f"readouts {r['readout_s']:.0f} s, probes {r['probe_s']:.0f} s"
+    )
+    print(json.dumps(r))
