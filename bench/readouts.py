@@ -1,10 +1,12 @@
 """Would another readout of the frozen backbone help? Linear-probe accuracy of the top map average-pooled (what the
 harness trains on) against earlier stages, max pooling and image halves, under repeated patient-grouped 5-fold CV
-of train+validation (the test split is not read), at several regularisation strengths. Skips when the shared
-challenge data is absent.
+of train+validation (the test split is not read), at several regularisation strengths; with --augment K also the
+top average with test-time augmentation, trained on augmented copies, and both. Skips when the shared challenge data
+is absent.
 
     python bench/readouts.py                                    # Task 2, Lite0, the shared challenge data
     python bench/readouts.py --model task2-efficientnet_lite1 --repeats 5
+    python bench/readouts.py --augment 6          # + the top average trained on / TTA over 6 augmented copies
     python bench/readouts.py --recipe recipes/demo.yaml --model task1-efficientnet_lite0 --repeats 1 --c 0.1
 """
 
@@ -25,6 +27,10 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="task2-efficientnet_lite0", help="task-backbone")
     ap.add_argument("--c", type=float, action="append", default=None, help="probe C; repeatable (0.01 0.1 1)")
     ap.add_argument("--repeats", type=int, default=5, help="different 5-fold splits averaged")
+    ap.add_argument("--augment", type=int, default=0, help="augmented copies per image (0 = none)")
+    ap.add_argument(
+        "--strength", type=float, default=0.5, help="their augmentation strength (as the fine-tuning stage)"
+    )
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
     setup_logging(logging.INFO)
@@ -37,7 +43,7 @@ if __name__ == "__main__":
         if a.data_root is None and recipe.data.synthetic is None and not data_root(recipe).is_dir():
             print(f"skipped: no data at {data_root(recipe)} (pass --data-root)")
             sys.exit(0)
-        main_readouts(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats)
+        main_readouts(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

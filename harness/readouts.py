@@ -25,6 +25,7 @@ from harness.data import TaskData, prepare_task
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.models.backbones import SPECS, build_backbone
+from harness.models.heads import augmentation
 from harness.models.layers import preprocessing
 from harness.recipe import Recipe
 
@@ -59,20 +60,31 @@ def readouts(
     image_size: int,
     weights: str = "imagenet",
     mirror: str | None = None,
+    copies: int = 0,
+    strength: float = 0.5,
+    seed: int = 0,
     batch: int = 32,
-) -> dict:
-    """name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone."""
+) -> tuple[dict, np.ndarray | None]:
+    """(name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone;
+    the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). The copies use the
+    fine-tuning stage's augmentation (`augmentation(strength)`: rotation, zoom, shift, contrast; never flips)."""
     backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
     ends = stage_ends(backbone)
     multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
     pre = preprocessing(SPECS[backbone_name].preprocess, task.colour)
     parts: dict[str, list[np.ndarray]] = {}
+    augment, augmented = augmentation(strength), [[] for _ in range(copies)]
+    keras.utils.set_random_seed(seed)
 
     def add(name, value):
         parts.setdefault(name, []).append(np.asarray(value, np.float32))
 
     for s in range(0, len(idx), batch):
-        outs = [np.asarray(o) for o in multi(pre(task.images(idx[s : s + batch])), training=False)]
+        images = task.images(idx[s : s + batch])
+        outs = [np.asarray(o) for o in multi(pre(images), training=False)]
+        for k in range(copies):
+            moved = keras.ops.clip(augment(images.astype(np.float32), training=True), 0.0, 255.0)
+            augmented[k].append(np.asarray(backbone(pre(moved), training=False)).mean(axis=(1, 2)))
         for (name, _), maps in zip(ends, outs):
             add(f"{name} avg", maps.mean(axis=(1, 2)))
         top = outs[-1]
@@ -87,36 +99,67 @@ def readouts(
     stages = [f"{name} avg" for name, _ in ends]
     out["last three stages + top avg"] = np.concatenate([out[n] for n in stages[-4:]], 1)
     out["every stage + top avg"] = np.concatenate([out[n] for n in stages], 1)
-    return out
+    return out, (np.stack([np.concatenate(a) for a in augmented]) if copies else None)
 
 
-def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float, repeats: int, seed: int) -> dict:
-    """Mean accuracy and log loss of the floor's probe (C = `c`) over `repeats` different 5-fold grouped splits."""
+def probe(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    c: float,
+    repeats: int,
+    seed: int,
+    copies: np.ndarray | None = None,
+    train_on_copies: bool = False,
+    tta: bool = False,
+) -> dict:
+    """Mean accuracy and log loss of the floor's probe (C = `c`) over `repeats` different 5-fold grouped splits.
+    With `copies` (augmented versions of x's rows): train on the originals and every copy (`train_on_copies`), and/or
+    predict each validation image as the mean over its original and copies (`tta`)."""
     acc, loss = [], []
     rows = np.arange(len(y))
+    views = [x] if copies is None else [x, *copies]
     for r in range(repeats):
         for tr, va in cv_folds(rows, y, groups, 5, seed + r):
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(x[tr], y[tr])
-            p = model.predict_proba(x[va])
+            fit_views = views if train_on_copies else [x]
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(
+                np.concatenate([v[tr] for v in fit_views]), np.tile(y[tr], len(fit_views))
+            )
+            p = np.mean([model.predict_proba(v[va]) for v in (views if tta else [x])], axis=0)
             acc.append(float((p.argmax(1) == y[va]).mean()))
             loss.append(float(log_loss(y[va], p, labels=np.arange(p.shape[1]))))
     return {"accuracy": float(np.mean(acc)), "accuracy_sd": float(np.std(acc)), "log_loss": float(np.mean(loss))}
 
 
-def readout_benchmark(recipe: Recipe, model_key: str | None, cs: list[float], repeats: int) -> dict:
+def readout_benchmark(
+    recipe: Recipe, model_key: str | None, cs: list[float], repeats: int, copies: int = 0, strength: float = 0.5
+) -> dict:
     mcfg = recipe.model(model_key)
     size, colour = recipe.image_size_for(mcfg), recipe.colour_for(mcfg)
     t0 = time.perf_counter()
     task = prepare_task(recipe, mcfg.task, size, colour)
     idx = task.pool()
-    feats = readouts(task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror)
+    seed = recipe.data.seed
+    feats, augmented = readouts(
+        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, seed
+    )
     t1 = time.perf_counter()
     y, groups = task.y[idx], task.groups[idx]
-    scores = {
-        name: {"dims": int(x.shape[1]), **{f"C={c:g}": probe(x, y, groups, c, repeats, recipe.data.seed) for c in cs}}
-        for name, x in feats.items()
-    }
     ref = f"{TOP} avg"
+    variants = {name: (x, {}) for name, x in feats.items()}
+    if copies:
+        # Test-time augmentation helps only a head that saw augmented inputs in training: the three ways apart.
+        x = feats[ref]
+        variants[f"{ref}, TTA over {copies} copies"] = (x, {"copies": augmented, "tta": True})
+        variants[f"{ref}, trained on {copies} copies"] = (x, {"copies": augmented, "train_on_copies": True})
+        variants[f"{ref}, trained on and TTA over {copies} copies"] = (
+            x,
+            {"copies": augmented, "train_on_copies": True, "tta": True},
+        )
+    scores = {
+        name: {"dims": int(x.shape[1]), **{f"C={c:g}": probe(x, y, groups, c, repeats, seed, **kw) for c in cs}}
+        for name, (x, kw) in variants.items()
+    }
     best_acc = {name: max(v["accuracy"] for k, v in s.items() if k != "dims") for name, s in scores.items()}
     best = max(best_acc, key=best_acc.get)
     result = {
@@ -124,6 +167,8 @@ def readout_benchmark(recipe: Recipe, model_key: str | None, cs: list[float], re
         "image_size": size,
         "images": len(idx),
         "repeats": repeats,
+        "augmented_copies": copies,
+        "augment_strength": strength if copies else None,
         "readout_s": t1 - t0,
         "probe_s": time.perf_counter() - t1,
         "reference": ref,
@@ -135,7 +180,16 @@ def readout_benchmark(recipe: Recipe, model_key: str | None, cs: list[float], re
     }
     tracking.setup("bench")
     with tracking.run(f"readouts {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}):
-        mlflow.log_params({"model": mcfg.key, "image_size": size, "repeats": repeats, "C": ",".join(map(str, cs))})
+        mlflow.log_params(
+            {
+                "model": mcfg.key,
+                "image_size": size,
+                "repeats": repeats,
+                "C": ",".join(map(str, cs)),
+                "augmented_copies": copies,
+                "augment_strength": strength,
+            }
+        )
         mlflow.log_metrics(
             {
                 re.sub(r"[^\w.\- /]+", "_", f"{name}.{k}.{m}"): v
@@ -149,8 +203,10 @@ def readout_benchmark(recipe: Recipe, model_key: str | None, cs: list[float], re
     return result
 
 
-def main_readouts(recipe: Recipe, model_key: str | None, cs: list[float], repeats: int) -> None:
-    r = readout_benchmark(recipe, model_key, cs, repeats)
+def main_readouts(
+    recipe: Recipe, model_key: str | None, cs: list[float], repeats: int, copies: int = 0, strength: float = 0.5
+) -> None:
+    r = readout_benchmark(recipe, model_key, cs, repeats, copies, strength)
     print(
         f"\nReadouts of {r['model']} ({r['image_size']} px): linear probe accuracy / log loss, {r['repeats']} x 5-fold "
         f"grouped CV of train+validation ({r['images']} images; test split not read)"

@@ -242,11 +242,12 @@ def test_readouts_top_average_is_what_the_harness_trains_on_and_no_test_image_is
     task, pool, seen = prep.task, prep.task.pool(), []
     images = task.images
     task.images = lambda idx: (seen.extend(np.asarray(idx).tolist()), images(idx))[1]
-    feats = readouts(task, pool, recipe.model().backbone, prep.image_size)
+    feats, copies = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2)
     assert sorted(seen) == pool.tolist() and not set(seen) & set(task.splits["test"].tolist())
     np.testing.assert_allclose(feats[f"{TOP} avg"], prep.pooled[pool], rtol=1e-4, atol=1e-4)
     assert len([n for n in feats if n.startswith("stage")]) == 7  # Lite0's seven stages of blocks
     assert all(len(x) == len(pool) for x in feats.values())
+    assert copies.shape == (2, *feats[f"{TOP} avg"].shape) and not np.allclose(copies[0], feats[f"{TOP} avg"])
 
 
 @pytest.mark.slow
@@ -271,6 +272,8 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
             "1",
             "--c",
             "0.1",
+            "--augment",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -282,5 +285,6 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
     m = recipe.model()
     pool = prepare_task(recipe, m.task, recipe.image_size_for(m), recipe.colour_for(m)).pool()
     assert result["images"] == len(pool)
-    assert result["reference"] in result["scores"] and len(result["scores"]) == 13
+    assert result["reference"] in result["scores"] and len(result["scores"]) == 13 + 3  # + the augmented ones
+    assert sum("copies" in name for name in result["scores"]) == 3 and result["augmented_copies"] == 2
     assert all(0.0 <= s["C=0.1"]["accuracy"] <= 1.0 for s in result["scores"].values())
