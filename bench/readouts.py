@@ -7,6 +7,7 @@ is absent.
     python bench/readouts.py                                    # Task 2, Lite0, the shared challenge data
     python bench/readouts.py --model task2-efficientnet_lite1 --repeats 5
     python bench/readouts.py --augment 6          # + the top average trained on / TTA over 6 augmented copies
+    python bench/readouts.py --augment 6 --fixed  # the same, 6 fixed views (the same transforms for every image)
     python bench/readouts.py --recipe recipes/demo.yaml --model task1-efficientnet_lite0 --repeats 1 --c 0.1
 """
 
@@ -31,6 +32,7 @@ if __name__ == "__main__":
     ap.add_argument(
         "--strength", type=float, default=0.5, help="their augmentation strength (as the fine-tuning stage)"
     )
+    ap.add_argument("--fixed", action="store_true", help="the same transforms for every image, not random copies")
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
     setup_logging(logging.INFO)
@@ -43,7 +45,7 @@ if __name__ == "__main__":
         if a.data_root is None and recipe.data.synthetic is None and not data_root(recipe).is_dir():
             print(f"skipped: no data at {data_root(recipe)} (pass --data-root)")
             sys.exit(0)
-        main_readouts(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength)
+        main_readouts(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

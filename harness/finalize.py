@@ -193,6 +193,19 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
     t0 = time.perf_counter()
     tta = prep.recipe.evaluation.tta
     models = final.full_models(prep) if tta else []
+    if tta:
+        # Averaging over augmented copies helps a model that saw such copies in training and hurts one that did
+        # not (bench/readouts.py --augment, 5x5-fold CV on the challenge data: -5 to -13 points for a linear probe
+        # trained on clean features, +2 to +4 trained on augmented copies): say which this is, beside test_tta.*.
+        augmented = any(layer.name == "augment" for m in final.members for layer in m.layers)
+        mlflow.set_tag("tta.trained_with_augmentation", str(augmented).lower())
+        if not augmented:
+            log.warning(
+                "%s: test-time augmentation (evaluation.tta %d) on a model trained without augmentation, which "
+                "lowers accuracy in cross-validation; test_tta.* is logged beside test.*, not instead of it",
+                prep.mcfg.key,
+                tta,
+            )
     full = final.full_model(prep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -53,6 +53,22 @@ def stage_ends(backbone: keras.Model) -> list[tuple[str, keras.KerasTensor]]:
     return [*ends, (TOP, backbone.get_layer("head_relu").output)]
 
 
+def fixed_views(copies: int, strength: float) -> list[keras.layers.Layer]:
+    """`copies` deterministic transforms of the kinds `augmentation(strength)` draws from, the same for every image:
+    rotation by +/-10s degrees, zoom in and out by 10s %, a shift by +/-5s % both ways; copies past six repeat them
+    twice, three times... as far. Built-in random layers with a one-point range, called in training mode (inference
+    mode skips them): a model that averaged over these views would need no custom layer to be served."""
+    kinds = [
+        lambda m: keras.layers.RandomRotation((m * strength * 10 / 360,) * 2),
+        lambda m: keras.layers.RandomRotation((-m * strength * 10 / 360,) * 2),
+        lambda m: keras.layers.RandomZoom((-m * strength * 0.1,) * 2),  # negative: zoom in
+        lambda m: keras.layers.RandomZoom((m * strength * 0.1,) * 2),
+        lambda m: keras.layers.RandomTranslation((m * strength * 0.05,) * 2, (m * strength * 0.05,) * 2),
+        lambda m: keras.layers.RandomTranslation((-m * strength * 0.05,) * 2, (-m * strength * 0.05,) * 2),
+    ]
+    return [kinds[k % len(kinds)](1 + k // len(kinds)) for k in range(copies)]
+
+
 def readouts(
     task: TaskData,
     idx: np.ndarray,
@@ -63,17 +79,20 @@ def readouts(
     copies: int = 0,
     strength: float = 0.5,
     seed: int = 0,
+    fixed: bool = False,
     batch: int = 32,
 ) -> tuple[dict, np.ndarray | None]:
     """(name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone;
-    the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). The copies use the
-    fine-tuning stage's augmentation (`augmentation(strength)`: rotation, zoom, shift, contrast; never flips)."""
+    the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). Random copies use
+    the fine-tuning stage's augmentation (`augmentation(strength)`: rotation, zoom, shift, contrast; never flips);
+    `fixed` copies are the same transforms for every image (`fixed_views`)."""
     backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
     ends = stage_ends(backbone)
     multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
     pre = preprocessing(SPECS[backbone_name].preprocess, task.colour)
     parts: dict[str, list[np.ndarray]] = {}
     augment, augmented = augmentation(strength), [[] for _ in range(copies)]
+    views = fixed_views(copies, strength) if fixed else [augment] * copies
     keras.utils.set_random_seed(seed)
 
     def add(name, value):
@@ -82,8 +101,8 @@ def readouts(
     for s in range(0, len(idx), batch):
         images = task.images(idx[s : s + batch])
         outs = [np.asarray(o) for o in multi(pre(images), training=False)]
-        for k in range(copies):
-            moved = keras.ops.clip(augment(images.astype(np.float32), training=True), 0.0, 255.0)
+        for k, view in enumerate(views):
+            moved = keras.ops.clip(view(images.astype(np.float32), training=True), 0.0, 255.0)
             augmented[k].append(np.asarray(backbone(pre(moved), training=False)).mean(axis=(1, 2)))
         for (name, _), maps in zip(ends, outs):
             add(f"{name} avg", maps.mean(axis=(1, 2)))
@@ -132,7 +151,13 @@ def probe(
 
 
 def readout_benchmark(
-    recipe: Recipe, model_key: str | None, cs: list[float], repeats: int, copies: int = 0, strength: float = 0.5
+    recipe: Recipe,
+    model_key: str | None,
+    cs: list[float],
+    repeats: int,
+    copies: int = 0,
+    strength: float = 0.5,
+    fixed: bool = False,
 ) -> dict:
     mcfg = recipe.model(model_key)
     size, colour = recipe.image_size_for(mcfg), recipe.colour_for(mcfg)
@@ -141,7 +166,7 @@ def readout_benchmark(
     idx = task.pool()
     seed = recipe.data.seed
     feats, augmented = readouts(
-        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, seed
+        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, seed, fixed
     )
     t1 = time.perf_counter()
     y, groups = task.y[idx], task.groups[idx]
@@ -149,10 +174,10 @@ def readout_benchmark(
     variants = {name: (x, {}) for name, x in feats.items()}
     if copies:
         # Test-time augmentation helps only a head that saw augmented inputs in training: the three ways apart.
-        x = feats[ref]
-        variants[f"{ref}, TTA over {copies} copies"] = (x, {"copies": augmented, "tta": True})
-        variants[f"{ref}, trained on {copies} copies"] = (x, {"copies": augmented, "train_on_copies": True})
-        variants[f"{ref}, trained on and TTA over {copies} copies"] = (
+        x, kind = feats[ref], "fixed" if fixed else "random"
+        variants[f"{ref}, TTA over {copies} {kind} copies"] = (x, {"copies": augmented, "tta": True})
+        variants[f"{ref}, trained on {copies} {kind} copies"] = (x, {"copies": augmented, "train_on_copies": True})
+        variants[f"{ref}, trained on and TTA over {copies} {kind} copies"] = (
             x,
             {"copies": augmented, "train_on_copies": True, "tta": True},
         )
@@ -169,6 +194,7 @@ def readout_benchmark(
         "repeats": repeats,
         "augmented_copies": copies,
         "augment_strength": strength if copies else None,
+        "copies_kind": ("fixed" if fixed else "random") if copies else None,
         "readout_s": t1 - t0,
         "probe_s": time.perf_counter() - t1,
         "reference": ref,
@@ -188,6 +214,7 @@ def readout_benchmark(
                 "C": ",".join(map(str, cs)),
                 "augmented_copies": copies,
                 "augment_strength": strength,
+                "copies_kind": "fixed" if fixed else "random",
             }
         )
         mlflow.log_metrics(
@@ -204,9 +231,15 @@ def readout_benchmark(
 
 
 def main_readouts(
-    recipe: Recipe, model_key: str | None, cs: list[float], repeats: int, copies: int = 0, strength: float = 0.5
+    recipe: Recipe,
+    model_key: str | None,
+    cs: list[float],
+    repeats: int,
+    copies: int = 0,
+    strength: float = 0.5,
+    fixed: bool = False,
 ) -> None:
-    r = readout_benchmark(recipe, model_key, cs, repeats, copies, strength)
+    r = readout_benchmark(recipe, model_key, cs, repeats, copies, strength, fixed)
     print(
         f"\nReadouts of {r['model']} ({r['image_size']} px): linear probe accuracy / log loss, {r['repeats']} x 5-fold "
         f"grouped CV of train+validation ({r['images']} images; test split not read)"

@@ -210,13 +210,16 @@ def test_finetune_stage_searches_from_the_best_head_within_its_budget(tmp_path, 
 
 
 @pytest.mark.slow
-def test_test_time_augmentation_is_its_own_metric_set(tmp_path, mlflow_client):
+def test_test_time_augmentation_is_its_own_metric_set_tagged_with_whether_training_saw_augmentation(
+    tmp_path, mlflow_client
+):
     path = write_recipe(tmp_path / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2, "evaluation.tta": 3})
     _tune(path)
     (final,) = _runs(mlflow_client, "final")
     m = final.data.metrics
     assert {"test.accuracy", "test_tta.accuracy", "val.accuracy", "val_tta.accuracy"} <= set(m)
     assert m["test_tta.n"] == m["test.n"] and m["test_reads"] == 1
+    assert final.data.tags["tta.trained_with_augmentation"] == "false"  # heads on clean cached features
 
 
 def test_finetune_with_refit_is_refused_in_one_line(tmp_path):
@@ -232,7 +235,9 @@ def test_nested_cv_of_one_fold_is_refused(tmp_path):
     assert res.exit_code == 2 and "search.nested_cv" in res.output and "at least 2" in res.output
 
 
-def test_readouts_top_average_is_what_the_harness_trains_on_and_no_test_image_is_read(tmp_path):
+def test_readouts_top_average_is_what_the_harness_trains_on_no_test_image_is_read_and_fixed_views_ignore_seed(
+    tmp_path,
+):
     from harness.prepared import prepare
     from harness.readouts import TOP, readouts
     from harness.recipe import load_recipe
@@ -248,6 +253,10 @@ def test_readouts_top_average_is_what_the_harness_trains_on_and_no_test_image_is
     assert len([n for n in feats if n.startswith("stage")]) == 7  # Lite0's seven stages of blocks
     assert all(len(x) == len(pool) for x in feats.values())
     assert copies.shape == (2, *feats[f"{TOP} avg"].shape) and not np.allclose(copies[0], feats[f"{TOP} avg"])
+    _, fixed = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, seed=1, fixed=True)
+    _, again = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, seed=2, fixed=True)
+    np.testing.assert_array_equal(fixed, again)  # fixed views do not depend on the seed: the same for every image
+    assert not np.allclose(fixed[0], fixed[1])
 
 
 @pytest.mark.slow
