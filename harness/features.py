@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 FEATURE_VERSION = "v4"  # v4: entry files (v3: per-image .npz; v2: the in-model affine preprocessing)
 
 
-def shelf_key(backbone: str, weights: WeightsInfo, image_size: int, colour: str) -> str:
+def shelf_key(backbone: str, weights: WeightsInfo, image_size: int, colour: str, view: str = "") -> str:
+    """A shelf per backbone, weights, size, colour policy and preprocessing, and per fixed view of the images
+    (`training.views`; the originals' key is unchanged by the views' existence)."""
     parts = [FEATURE_VERSION, backbone, weights.id, str(image_size), colour, SPECS[backbone].preprocess]
+    if view:
+        parts.append(view)
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -44,17 +48,23 @@ def entry_path(shelf: Path, sha1: str) -> Path:
     return shelf / sha1[:2] / f"{sha1}.entry"
 
 
-def forward_fn(backbone_model, preprocess: str, colour: str):
-    """The backbone behind the model's own preprocessing layer, compiled once, on uint8 image batches."""
+def forward_fn(backbone_model, preprocess: str, colour: str, view=None):
+    """The backbone behind the model's own preprocessing layer, compiled once, on uint8 image batches; with a fixed
+    view (`fixed_views`), the view transforms the preprocessed images first (geometric: it commutes with the
+    per-pixel preprocessing)."""
     import tensorflow as tf
 
     pre = preprocessing(preprocess, colour)
+
+    def inputs(batch):
+        x = pre(batch)
+        return x if view is None else view(x, training=True)  # in inference mode a view is the identity
 
     # One trace for every batch size: without a signature the short last batch traced the graph again (~0.8 s for
     # Lite0, a sixth of extracting 1,000 images here).
     @tf.function(input_signature=[tf.TensorSpec((None, *backbone_model.input_shape[1:]), tf.uint8)])
     def forward(batch):
-        return backbone_model(pre(batch), training=False)
+        return backbone_model(inputs(batch), training=False)
 
     return forward
 
@@ -68,6 +78,7 @@ def extract(
     batch_size: int = 32,
     label: str = "Extracting",
     on_batch=None,
+    view=None,
 ) -> np.ndarray | None:
     """Backbone outputs (feature maps) for images `idx` of a task (default all), streamed: decoding of the next
     batches overlaps the backbone's work on this one. With `on_batch(positions, maps)` nothing is kept and None is
@@ -78,7 +89,7 @@ def extract(
     import tensorflow as tf
 
     idx = np.arange(len(task.y)) if idx is None else np.asarray(idx, dtype=int)
-    forward = forward_fn(backbone_model, preprocess, colour)
+    forward = forward_fn(backbone_model, preprocess, colour, view)
     out, pending = [], []
     with Progress(transient=True) as progress, ThreadPoolExecutor(1) as writer:
         job = progress.add_task(label, total=len(idx))
@@ -175,11 +186,19 @@ def _write_batch(shelf: Path, sha1s: list[str], maps: np.ndarray) -> np.ndarray:
 
 
 def features_for(
-    task: TaskData, backbone_name: str, backbone_model, weights: WeightsInfo, image_size: int, colour: str
+    task: TaskData,
+    backbone_name: str,
+    backbone_model,
+    weights: WeightsInfo,
+    image_size: int,
+    colour: str,
+    view: tuple[str, object] | None = None,
 ) -> tuple[Features, dict]:
-    """Every image of the task through the frozen backbone, from the store; the images it lacks (or holds broken)
-    are extracted and added. Info: feature_cache hit | miss | partial, extracted (images), extract_seconds."""
-    shelf = get_paths().feature_cache / shelf_key(backbone_name, weights, image_size, colour)
+    """Every image of the task through the frozen backbone (after the fixed `view` (name, layer) of the images, when
+    given), from the store; the images it lacks (or holds broken) are extracted and added. Info: feature_cache hit |
+    miss | partial, extracted (images), extract_seconds."""
+    view_name, view_layer = view or ("", None)
+    shelf = get_paths().feature_cache / shelf_key(backbone_name, weights, image_size, colour, view_name)
     map_shape = tuple(backbone_model.output.shape[1:])
     pooled = np.zeros((len(task.sha1s), map_shape[-1]), np.float32)
     missing = []
@@ -213,7 +232,9 @@ def features_for(
             task,
             todo,
             on_batch=store,
-            label=f"Extracting {backbone_name} features ({len(todo)} of {len(task.sha1s)} images)",
+            label=f"Extracting {backbone_name} features{f' ({view_name})' if view_name else ''} "
+            f"({len(todo)} of {len(task.sha1s)} images)",
+            view=view_layer,
         )
         return len(todo)
 

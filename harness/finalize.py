@@ -347,6 +347,7 @@ def log_final_fit(final: FinalModel) -> None:
         r[0].jit,
     )
     tracking.log_fit(mean)
+    mlflow.log_metric("train_rows", mean.n_train)  # the members' training rows: images, or images x views
     mlflow.set_tags({"fit.jit": str(mean.jit).lower(), "final.mode": final.mode, "final.members": str(len(r))})
     if final.mode == "single" and mean.best_epoch is not None:
         mlflow.log_metric("best_epoch", mean.best_epoch)

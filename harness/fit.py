@@ -339,9 +339,15 @@ def fit_on(
     restore_best: bool = False,
     on_epoch=None,
 ) -> list[FitResult]:
-    """`fit_models` on a prepared model's images: its cached features (pooled for `avg`) or the images themselves
-    (no XLA there: compiling a whole backbone costs more than a few epochs on a CPU gain)."""
+    """`fit_models` on a prepared model's images: its cached features (pooled for `avg`, with every fixed view of
+    each training image when the recipe asks for views) or the images themselves (no XLA there: compiling a whole
+    backbone costs more than a few epochs on a CPU gain)."""
     x, y = prep.source(pooling), prep.task.y
+    if prep.views is not None and prep.on_features and pooling == "avg":
+        # Every view of a training image is a training row of its own; validation stays on the originals.
+        n, copies = len(y), len(prep.views) + 1
+        x, y = prep.pooled_with_views, np.tile(y, copies)
+        folds = [Fold(np.concatenate([f.train + v * n for v in range(copies)]), f.val) for f in folds]
     return fit_models(
         models,
         x,

@@ -7,6 +7,7 @@ back between backbone and head in the logged model: pooling has no weights, so b
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from harness.data import TaskData, prepare_task
 from harness.features import Features, features_for
 from harness.models import assemble, build_backbone, build_head
 from harness.models.backbones import SPECS, WeightsInfo
+from harness.models.heads import fixed_views
 from harness.recipe import HeadConfig, ModelConfig, Recipe
 
 
@@ -30,6 +32,15 @@ class Prepared:
     features: Features | None  # the store's features of a frozen backbone, or None (images go through it)
     info: dict  # feature_cache (hit | miss | bypassed (why)), timings
     test_reads: int = 0  # how often the test split was read (once per final model, by `read_test`)
+    views: np.ndarray | None = None  # (V, N, C) pooled vectors of every image's fixed views (training.views), or None
+
+    @functools.cached_property
+    def pooled_with_views(self) -> np.ndarray:
+        """((V+1) N, C): the originals, then each view's rows in the same image order (row v N + i is view v of
+        image i), built once and shared by every fit of this model."""
+        out = np.concatenate([self.features.pooled, *self.views])
+        out.flags.writeable = False
+        return out
 
     @property
     def image_size(self) -> int:
@@ -105,8 +116,18 @@ def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> 
         feats, info = None, {"feature_cache": f"bypassed ({why})", "extracted": 0, "extract_seconds": 0.0}
     else:
         feats, info = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg))
+    views = None
+    tcfg = recipe.training_for(mcfg)
+    if feats is not None and tcfg.views:
+        t2, pooled, extracted = time.perf_counter(), [], 0
+        for view in fixed_views(tcfg.views, tcfg.views_strength):
+            vf, vinfo = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg), view)
+            pooled.append(vf.pooled)
+            extracted += vinfo["extracted"]
+        views = np.stack(pooled)
+        info.update(views_extracted=extracted, views_seconds=time.perf_counter() - t2)
     info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)
-    return Prepared(recipe, mcfg, task, backbone, winfo, feats, info)
+    return Prepared(recipe, mcfg, task, backbone, winfo, feats, info, views=views)
 
 
 def full_model(prep: Prepared, head: keras.Model, name: str | None = None) -> keras.Model:

@@ -25,7 +25,7 @@ from harness.data import TaskData, prepare_task
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.models.backbones import SPECS, build_backbone
-from harness.models.heads import augmentation
+from harness.models.heads import augmentation, fixed_views
 from harness.models.layers import preprocessing
 from harness.recipe import Recipe
 
@@ -53,22 +53,6 @@ def stage_ends(backbone: keras.Model) -> list[tuple[str, keras.KerasTensor]]:
     return [*ends, (TOP, backbone.get_layer("head_relu").output)]
 
 
-def fixed_views(copies: int, strength: float) -> list[keras.layers.Layer]:
-    """`copies` deterministic transforms of the kinds `augmentation(strength)` draws from, the same for every image:
-    rotation by +/-10s degrees, zoom in and out by 10s %, a shift by +/-5s % both ways; copies past six repeat them
-    twice, three times... as far. Built-in random layers with a one-point range, called in training mode (inference
-    mode skips them): a model that averaged over these views would need no custom layer to be served."""
-    kinds = [
-        lambda m: keras.layers.RandomRotation((m * strength * 10 / 360,) * 2),
-        lambda m: keras.layers.RandomRotation((-m * strength * 10 / 360,) * 2),
-        lambda m: keras.layers.RandomZoom((-m * strength * 0.1,) * 2),  # negative: zoom in
-        lambda m: keras.layers.RandomZoom((m * strength * 0.1,) * 2),
-        lambda m: keras.layers.RandomTranslation((m * strength * 0.05,) * 2, (m * strength * 0.05,) * 2),
-        lambda m: keras.layers.RandomTranslation((-m * strength * 0.05,) * 2, (-m * strength * 0.05,) * 2),
-    ]
-    return [kinds[k % len(kinds)](1 + k // len(kinds)) for k in range(copies)]
-
-
 def readouts(
     task: TaskData,
     idx: np.ndarray,
@@ -92,7 +76,7 @@ def readouts(
     pre = preprocessing(SPECS[backbone_name].preprocess, task.colour)
     parts: dict[str, list[np.ndarray]] = {}
     augment, augmented = augmentation(strength), [[] for _ in range(copies)]
-    views = fixed_views(copies, strength) if fixed else [augment] * copies
+    views = [layer for _, layer in fixed_views(copies, strength)] if fixed else [augment] * copies
     keras.utils.set_random_seed(seed)
 
     def add(name, value):

@@ -83,6 +83,12 @@ class TrainingConfig(Strict):
     # Augmentation strength while training, 0 = off: 1 = rotation up to 10 degrees, zoom and shift up to 10% and 5%,
     # contrast up to 20% (no flips: a chest X-ray has a side). On, images go through the backbone every epoch.
     augment: float = Field(0.0, ge=0, le=1)
+    # Heads on cached features also train on this many fixed views of every training image (rotation, zoom and shift
+    # at `views_strength` on augment's scale, the same transforms for every image, kept in the feature store like
+    # the originals). Validation, test, the floor and the served model see the originals. 0 = off; average pooling
+    # only (the views are kept as pooled vectors).
+    views: int = Field(0, ge=0, le=24)
+    views_strength: float = Field(0.5, gt=0, le=1)
     batch_size: int = Field(16, ge=1, le=4096)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"  # Keras' defaults but the learning rate
     learning_rate: float = Field(1e-4, gt=0, lt=1)
@@ -221,6 +227,19 @@ class Recipe(Strict):
         if len(keys) != len(set(keys)):
             raise ValueError("models: two models share a name; give one a distinct 'name'")
         s = self.search
+        for i, m in enumerate(self.models):
+            t = self.training_for(m)
+            where = f"models.{i}.training" if m.training else "training"
+            if t.views and (t.augment or m.trainable):
+                raise ValueError(
+                    f"{where}.views trains heads on cached features, which "
+                    f"{'augment' if t.augment else 'a trainable backbone'} bypasses: use one"
+                )
+            if t.views and ("flatten" in s.pooling or self.head_for(m).pooling == "flatten"):
+                raise ValueError(
+                    f"{where}.views needs average pooling (search.pooling [avg], head.pooling avg): views are kept as "
+                    "pooled vectors only"
+                )
         if s.cv_folds > 1 and s.final == "refit" and (s.finetune or any(m.finetune for m in self.models)):
             raise ValueError(
                 "search.finetune needs final: ensemble (or cv_folds: 1): a refit on all of "

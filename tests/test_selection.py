@@ -297,3 +297,28 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
     assert result["reference"] in result["scores"] and len(result["scores"]) == 13 + 3  # + the augmented ones
     assert sum("copies" in name for name in result["scores"]) == 3 and result["augmented_copies"] == 2
     assert all(0.0 <= s["C=0.1"]["accuracy"] <= 1.0 for s in result["scores"].values())
+
+
+def test_views_train_heads_on_every_fixed_view_validate_on_originals_and_are_extracted_once(tmp_path, mlflow_client):
+    from harness.data import prepare_task
+    from harness.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", **{"training.views": 2, "search.max_trials": 1})
+    _tune(path)
+    recipe = load_recipe(path)
+    m = recipe.model()
+    task = prepare_task(recipe, m.task, recipe.image_size_for(m), recipe.colour_for(m))
+    (search,) = _runs(mlflow_client, "search")
+    (final,) = _runs(mlflow_client, "final")
+    assert search.data.metrics["views_extracted"] == 2 * len(task.y)  # every image, in each of the two views
+    assert final.data.metrics["train_rows"] == 3 * len(task.splits["train"])  # the originals and two views
+    assert final.data.metrics["val.n"] == len(task.splits["val"])  # validated on the originals only
+    _tune(write_recipe(tmp_path / "again.yaml", **{"study": "again", "training.views": 2, "search.max_trials": 1}))
+    (again,) = _runs(mlflow_client, "search", study="again")
+    assert again.data.metrics["views_extracted"] == 0  # read from the feature store
+
+
+def test_views_with_augmentation_are_refused_in_one_line(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", **{"training.views": 2, "training.augment": 0.5})
+    res = CliRunner().invoke(app, ["tune", str(path)])
+    assert res.exit_code != 0 and "training.views" in res.output and "Traceback" not in res.output

@@ -49,6 +49,28 @@ def augmentation(strength: float) -> keras.Sequential:
     )
 
 
+def fixed_views(copies: int, strength: float) -> list[tuple[str, keras.layers.Layer]]:
+    """`copies` (name, layer) deterministic transforms of the kinds `augmentation(strength)` draws from, the same
+    for every image: rotation by +/-10s degrees, zoom in and out by 10s %, a shift by +/-5s % both ways; copies past
+    six repeat them twice, three times... as far. Built-in random layers with a one-point range: call them with
+    training=True, directly (an enclosing model called in inference mode would switch them off). The name says the
+    transform exactly, so it can key a cache."""
+    kinds = [
+        ("rotation{:+.4g}deg", lambda v: keras.layers.RandomRotation((v / 360,) * 2), 10),
+        ("rotation{:+.4g}deg", lambda v: keras.layers.RandomRotation((v / 360,) * 2), -10),
+        ("zoom{:+.4g}pct", lambda v: keras.layers.RandomZoom((v / 100,) * 2), -10),  # negative: zoom in
+        ("zoom{:+.4g}pct", lambda v: keras.layers.RandomZoom((v / 100,) * 2), 10),
+        ("shift{:+.4g}pct", lambda v: keras.layers.RandomTranslation((v / 100,) * 2, (v / 100,) * 2), 5),
+        ("shift{:+.4g}pct", lambda v: keras.layers.RandomTranslation((v / 100,) * 2, (v / 100,) * 2), -5),
+    ]
+    views = []
+    for k in range(copies):
+        name, make, unit = kinds[k % len(kinds)]
+        value = unit * strength * (1 + k // len(kinds))
+        views.append((name.format(value), make(value)))
+    return views
+
+
 def assemble(
     backbone: keras.Model,
     head: keras.Model,
