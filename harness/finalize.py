@@ -195,8 +195,8 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
     models = final.full_models(prep) if tta else []
     if tta:
         # Averaging over augmented copies helps a model that saw such copies in training and hurts one that did
-        # not (bench/readouts.py --augment, 5x5-fold CV on the challenge data: -5 to -13 points for a linear probe
-        # trained on clean features, +2 to +4 trained on augmented copies): say which this is, beside test_tta.*.
+        # not (bench/readouts.py --augment 6, 5x5-fold CV on the challenge data, Lite0 and Lite1: -4 to -15 points
+        # for a linear probe trained on clean features, +3 to +4 trained on augmented copies): say which this is.
         augmented = any(layer.name == "augment" for m in final.members for layer in m.layers)
         mlflow.set_tag("tta.trained_with_augmentation", str(augmented).lower())
         if not augmented:
