@@ -37,7 +37,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     setup_logging(logging.INFO)
     from harness.data import data_root
-    from harness.readouts import main_readouts
+    from harness.readouts import print_readouts, readout_benchmark
     from harness.recipe import load_recipe
 
     try:
@@ -45,7 +45,9 @@ if __name__ == "__main__":
         if a.data_root is None and recipe.data.synthetic is None and not data_root(recipe).is_dir():
             print(f"skipped: no data at {data_root(recipe)} (pass --data-root)")
             sys.exit(0)
-        main_readouts(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed)
+        print_readouts(
+            readout_benchmark(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed)
+        )
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -214,16 +214,8 @@ def readout_benchmark(
     return result
 
 
-def main_readouts(
-    recipe: Recipe,
-    model_key: str | None,
-    cs: list[float],
-    repeats: int,
-    copies: int = 0,
-    strength: float = 0.5,
-    fixed: bool = False,
-) -> None:
-    r = readout_benchmark(recipe, model_key, cs, repeats, copies, strength, fixed)
+def print_readouts(r: dict) -> None:
+    """A readout benchmark's table, its best readout, and its one JSON line."""
     print(
         f"\nReadouts of {r['model']} ({r['image_size']} px): linear probe accuracy / log loss, {r['repeats']} x 5-fold "
         f"grouped CV of train+validation ({r['images']} images; test split not read)"
