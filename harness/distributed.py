@@ -7,8 +7,10 @@ running; `max_consecutive_failed_trials` raises inside the gRPC handler and kill
 lock stays held after an exception. Here the chief's oracle (`robust`) hears a heartbeat from each worker, ends the
 trial of a worker silent for `worker_timeout` (handed once to another worker, then FAILED), gives ongoing trials back
 to their own workers after a restart, counts failures itself, and never counts a trial twice; `serve` replaces
-Keras Tuner's wait loop with one that ends. A worker's heartbeat thread also exits it when the chief is gone for
-good. The final model, the floor, the audit and the nested estimate run once, in the chief, after the last trial.
+Keras Tuner's wait loop with one that ends. A worker's calls to the chief ride out a chief restart (`patient_stub`:
+Keras Tuner lets a call in flight when the chief dies kill the worker), and its heartbeat thread exits it when the
+chief is gone for good. The final model, the floor, the audit and the nested estimate run once, in the chief, after
+the last trial.
 
 Workers find the search being served through the store: while the chief serves a model's search, that search run
 carries the tags `oracle.port` and `oracle.state=serving`. The oracle's port has no authentication (Keras Tuner's
@@ -254,6 +256,47 @@ def serve(oracle, dist: Distributed, supervise=None, poll: float = 0.5) -> dict:
     finally:
         server.stop(grace=2).wait()
     return {"statuses": {tid: t.status for tid, t in oracle.trials.items()}, "abort": oracle.abort_reason}
+
+
+def patient_stub(host: str, port: int, chief_timeout: float):
+    """A worker's stub to the chief's oracle that rides out a chief restart. gRPC's `wait_for_ready` (Keras Tuner's
+    client sets it) waits only for a channel that is not connected yet: a call in flight when the chief dies ends
+    with UNAVAILABLE, and the worker, which Keras Tuner lets die of it, would leave the resumed chief with nobody to
+    run its trials. Every call is sent again until the chief answers or `chief_timeout` passes (a resumed chief
+    gives the worker back its own trial, and ignores a report it has already counted, so a repeat is harmless), on
+    a channel that tries to reconnect at least every 5 s (gRPC's default backoff grows to 120 s)."""
+    import grpc
+    from keras_tuner.src import protos
+
+    channel = grpc.insecure_channel(
+        f"{host}:{port}",
+        options=[("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000)],
+    )
+    stub = protos.get_service_grpc().OracleStub(channel)
+
+    class Patient:
+        raw = stub  # without the retries: the heartbeat keeps its own count of the chief's silence
+
+        def __getattr__(self, name):
+            method = getattr(stub, name)
+
+            @functools.wraps(method)
+            def call(*args, **kwargs):
+                start, warned = time.monotonic(), False
+                while True:
+                    try:
+                        return method(*args, **kwargs)
+                    except grpc.RpcError as e:
+                        if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() - start > chief_timeout:
+                            raise
+                        if not warned:
+                            log.warning("the chief is unreachable (%s): waiting for it to come back", name)
+                            warned = True
+                        time.sleep(1.0)
+
+            return call
+
+    return Patient()
 
 
 class Heartbeat(threading.Thread):

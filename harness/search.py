@@ -201,14 +201,21 @@ class TrackedTuner(kt.Tuner):
         epochs: int,
         deadline: float | None = None,
         worker: str | None = None,
+        tuner_id: str | None = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        # Keras Tuner 1.4.8 looks for the state file to reload before it sets `tuner_id`: a resumed chief
+        # ("chief.json") found nothing and started its oracle over, handing out again the trials it had given.
+        self._state_name = tuner_id or "tuner0"
+        super().__init__(*args, tuner_id=tuner_id, **kwargs)
         self.folds, self.parent_run_id, self.trial_seed, self.epochs = folds, parent_run_id, trial_seed, epochs
         self.deadline, self.worker = deadline, worker
 
     def save(self):
         atomic_json(self._get_tuner_fname(), self.get_state())
+
+    def _get_tuner_fname(self):
+        return os.path.join(str(self.project_dir), f"{self._state_name}.json")
 
     def checkpoint(self, trial_id: str, k: int) -> str:
         return os.path.join(self.get_trial_dir(trial_id), f"fold{k}.weights.h5")

@@ -213,7 +213,7 @@ def work(
     chief's next search, until the chief says the study is done. Returns the number of searches it worked on."""
     import os
 
-    from harness.distributed import Heartbeat, serving_search, study_done
+    from harness.distributed import Heartbeat, patient_stub, serving_search, study_done
 
     if "chief" in worker_id:  # Keras Tuner takes any id containing "chief" for the chief
         raise HarnessError(f"--worker {worker_id}: a worker's id must not contain 'chief'")
@@ -249,7 +249,8 @@ def work(
             folds,
             role=worker_id,
         )
-        beat = Heartbeat(tuner.oracle.stub, worker_id, chief_timeout=chief_timeout)
+        tuner.oracle.stub = patient_stub(host, port, chief_timeout)
+        beat = Heartbeat(tuner.oracle.stub.raw, worker_id, chief_timeout=chief_timeout)
         beat.start()
         log.info(
             "worker %s: working on the %s search (%d images extracted here, the rest read from the store)",

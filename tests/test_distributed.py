@@ -1,13 +1,16 @@
 """Scale-out search through the CLI, all on 127.0.0.1: local workers find the same trials as one worker; a worker
 killed mid-trial and restarted finishes it; a worker that never comes back does not hold the search; a chief killed
-and resumed finishes it; and a search on a real PostgreSQL store behind `harness server`. Every search ends with one
+and resumed finishes it, handing no trial out twice; a worker's call in flight when the chief dies is answered by the
+restarted chief; and a search on a real PostgreSQL store behind `harness server`. Every search ends with one
 FINISHED run per trial and nothing RUNNING."""
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -44,6 +47,21 @@ def _wait(predicate, procs, timeout=300):
             assert p.poll() is None, p.stdout.read()[-3000:]
         time.sleep(0.3)
     pytest.fail("the awaited moment never came")
+
+
+def _finish(proc, others, timeout=400) -> str:
+    """`proc`'s output once it ends; fails at once, with the output, when one of `others` dies with an error first
+    (a chief left without workers would wait for them) or when `proc` outlives `timeout`."""
+    deadline = time.time() + timeout
+    while proc.poll() is None:
+        for p in others:
+            code = p.poll()
+            assert code in (None, 0), f"exit code {code} while the chief ran:\n{p.stdout.read()[-3000:]}"
+        if time.time() > deadline:
+            _kill(proc)
+            pytest.fail(f"still running after {timeout} s:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    return proc.stdout.read()
 
 
 def _kill(proc):
@@ -141,15 +159,90 @@ def test_a_chief_killed_and_resumed_finishes_the_search(tmp_path, harness_home, 
     worker = _spawn(["tune", str(path), "--worker", "worker0", "--oracle", f"127.0.0.1:{port}"], harness_home)
     try:
         _wait(lambda: any(t.info.status == "FINISHED" for t in _trials(mlflow_client)), [chief, worker])
-        _kill(chief)  # the worker keeps its trial and waits for a chief
+        _kill(chief)  # the worker keeps its trial, or the call it had in flight, and waits for a chief
         chief = _spawn(["tune", str(path), "--chief", "--oracle-port", str(port), "--resume"], harness_home)
-        out = chief.communicate(timeout=400)[0]
+        out = _finish(chief, [worker])
         assert chief.returncode == 0, out[-3000:]
         assert worker.wait(timeout=120) == 0
+        # the resumed chief reloaded its oracle: no trial was handed to the worker twice
+        ran = re.findall(r"head trial (\d+):", worker.stdout.read())
+        assert sorted(ran) == ["0", "1", "2"], ran
     finally:
         _kill(chief)
         _kill(worker)
     _assert_clean(mlflow_client, 3)
+
+
+_HANGING_CHIEF = """
+import sys, time
+from concurrent import futures
+import grpc
+from keras_tuner.src import protos
+
+class Hang(protos.get_service_grpc().OracleServicer):
+    def GetSpace(self, request, context):
+        print("called", flush=True)
+        time.sleep(600)
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+protos.get_service_grpc().add_OracleServicer_to_server(Hang(), server)
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+print("serving", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_workers_call_in_flight_when_the_chief_dies_is_answered_by_the_restarted_chief():
+    import threading
+    from concurrent import futures
+
+    import grpc
+    import keras_tuner as kt
+    from keras_tuner.src import protos
+
+    from harness.distributed import patient_stub
+
+    port = _port()
+    first = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_CHIEF, str(port)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    server = None
+    try:
+        assert first.stdout.readline().strip() == "serving"
+        stub, answer = patient_stub("127.0.0.1", port, chief_timeout=60), {}
+
+        def ask():
+            try:
+                answer["space"] = stub.GetSpace(protos.get_service().GetSpaceRequest(), wait_for_ready=True, timeout=90)
+            except grpc.RpcError as e:
+                answer["error"] = e.code()
+
+        caller = threading.Thread(target=ask, daemon=True)
+        caller.start()
+        assert first.stdout.readline().strip() == "called"  # the call is in flight in the first chief
+        _kill(first)
+        time.sleep(2.0)
+        assert "error" not in answer  # not given up while no chief is there
+
+        class Restarted(protos.get_service_grpc().OracleServicer):
+            def GetSpace(self, request, context):
+                hp = kt.HyperParameters()
+                hp.Fixed("from_the_restarted_chief", 1)
+                return protos.get_service().GetSpaceResponse(hyperparameters=hp.to_proto())
+
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        protos.get_service_grpc().add_OracleServicer_to_server(Restarted(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        caller.join(60)
+        assert "error" not in answer, answer
+        names = [h.name for h in kt.HyperParameters.from_proto(answer["space"].hyperparameters).space]
+        assert names == ["from_the_restarted_chief"]
+    finally:
+        _kill(first)
+        if server is not None:
+            server.stop(0)
 
 
 def _postgres_bin(name: str) -> str | None:
