@@ -24,6 +24,7 @@ from harness import tracking
 from harness.data import TaskData, prepare_task
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
+from harness.features import forward_fn
 from harness.models.backbones import SPECS, build_backbone
 from harness.models.heads import augmentation, fixed_views
 from harness.models.layers import preprocessing
@@ -69,14 +70,28 @@ def readouts(
     """(name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone;
     the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). Random copies use
     the fine-tuning stage's augmentation (`augmentation(strength)`: rotation, zoom, shift, contrast; never flips);
-    `fixed` copies are the same transforms for every image (`fixed_views`)."""
+    `fixed` copies are the same transforms for every image (`fixed_views`), through the feature store's own path
+    (`forward_fn(view=)`: the view moves the preprocessed image), so they are the features `training.views` trains
+    on. Random copies move the raw pixels: their contrast step needs the 0-255 range."""
     backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
     ends = stage_ends(backbone)
     multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
     pre = preprocessing(SPECS[backbone_name].preprocess, task.colour)
     parts: dict[str, list[np.ndarray]] = {}
-    augment, augmented = augmentation(strength), [[] for _ in range(copies)]
-    views = [layer for _, layer in fixed_views(copies, strength)] if fixed else [augment] * copies
+    augmented = [[] for _ in range(copies)]
+    if fixed:
+        spec = SPECS[backbone_name]
+        views = [
+            forward_fn(backbone, spec.preprocess, task.colour, view=layer) for _, layer in fixed_views(copies, strength)
+        ]
+    else:
+        augment = augmentation(strength)
+
+        def random_copy(images):
+            moved = keras.ops.clip(augment(images.astype(np.float32), training=True), 0.0, 255.0)
+            return backbone(pre(moved), training=False)
+
+        views = [random_copy] * copies
     keras.utils.set_random_seed(seed)
 
     def add(name, value):
@@ -86,8 +101,7 @@ def readouts(
         images = task.images(idx[s : s + batch])
         outs = [np.asarray(o) for o in multi(pre(images), training=False)]
         for k, view in enumerate(views):
-            moved = keras.ops.clip(view(images.astype(np.float32), training=True), 0.0, 255.0)
-            augmented[k].append(np.asarray(backbone(pre(moved), training=False)).mean(axis=(1, 2)))
+            augmented[k].append(np.asarray(view(images)).mean(axis=(1, 2)))
         for (name, _), maps in zip(ends, outs):
             add(f"{name} avg", maps.mean(axis=(1, 2)))
         top = outs[-1]

@@ -235,7 +235,7 @@ def test_nested_cv_of_one_fold_is_refused(tmp_path):
     assert res.exit_code == 2 and "search.nested_cv" in res.output and "at least 2" in res.output
 
 
-def test_readouts_top_average_is_what_the_harness_trains_on_no_test_image_is_read_and_fixed_views_ignore_seed(
+def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and_no_test_image_is_read(
     tmp_path,
 ):
     from harness.prepared import prepare
@@ -257,6 +257,9 @@ def test_readouts_top_average_is_what_the_harness_trains_on_no_test_image_is_rea
     _, again = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, seed=2, fixed=True)
     np.testing.assert_array_equal(fixed, again)  # fixed views do not depend on the seed: the same for every image
     assert not np.allclose(fixed[0], fixed[1])
+    # the bench's fixed copies are the feature store's view shelves (training.views), by the same path
+    viewed = load_recipe(write_recipe(tmp_path / "v.yaml", **{"training.views": 2, "training.views_strength": 0.5}))
+    np.testing.assert_allclose(fixed, prepare(viewed, viewed.model()).views[:, pool], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
