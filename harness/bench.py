@@ -360,6 +360,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             "selection": m.search.data.metrics.get(f"best.{recipe.search.objective}") if m.search else None,
             "stage": m.tags.get("final.stage", "head"),
             "tta_accuracy": m.metrics.get("test_tta.accuracy"),
+            "view_tta_accuracy": m.metrics.get("test_view_tta.accuracy"),
             "nested": {
                 k.removeprefix("nested."): v for k, v in m.nested.data.metrics.items() if k.startswith("nested.")
             }
@@ -520,6 +521,8 @@ def main_selection(recipe_path: Path, only: list[str] | None, max_trials: int | 
                 else (" (fine-tuning chosen)" if m["stage"] == "finetune" else " (fine-tuning not chosen: head only)")
             )
             tta = f"; with TTA {m['tta_accuracy']:.3f}" if m.get("tta_accuracy") is not None else ""
+            if m.get("view_tta_accuracy") is not None:
+                tta += f"; averaged over its training views {m['view_tta_accuracy']:.3f}"
             rows.append((f"{label}: {m['model']}{note}", f"{acc(m)}; McNemar p vs floor {m['p_vs_floor']:.3f}{tta}"))
         n = t["nested"]
         if n:

@@ -170,6 +170,15 @@ def sample(y: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def view_tta_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
+    """Member k's probabilities for images `idx`, averaged over each image and its fixed views (training.views):
+    the pooled vectors the store keeps for every image, so nothing is extracted here."""
+    total = member_predict(prep, final, k, idx)
+    for view in prep.views:
+        total = total + as_proba(predict(final.members[k], view, idx=idx), prep.n_classes)
+    return total / (1 + len(prep.views))
+
+
 def tta_predict(prep: Prepared, models: list[keras.Model], images: np.ndarray) -> np.ndarray:
     """Probabilities averaged over the recipe's number of augmented copies of each image (and over the models)."""
     import tensorflow as tf
@@ -206,6 +215,12 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
                 prep.mcfg.key,
                 tta,
             )
+    view_tta = prep.recipe.evaluation.view_tta and prep.views is not None
+    if view_tta and final.on_images:  # fine-tuned: its backbone moved, the store's views are not its features
+        log.warning("%s: evaluation.view_tta skipped: the final model sees images, not cached features", prep.mcfg.key)
+        view_tta = False
+    if prep.recipe.evaluation.view_tta:
+        mlflow.set_tag("view_tta", "on" if view_tta else "skipped (fine-tuned final model)")
     full = final.full_model(prep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -221,6 +236,9 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             if tta:
                 tta_val = np.concatenate([tta_predict(prep, [models[k]], t.images(v)) for k, v in val])[order]
                 out["val_tta"] = log_split_metrics(prep, "val_tta", idx, tta_val, seed)
+            if view_tta:
+                vt_val = np.concatenate([view_tta_predict(prep, final, k, v) for k, v in val])[order]
+                out["val_view_tta"] = log_split_metrics(prep, "val_view_tta", idx, vt_val, seed)
         test = prep.read_test()  # the one read of the test split for this model
         if len(test):
             proba = np.mean([member_predict(prep, final, k, test) for k in range(len(final.members))], axis=0)
@@ -238,6 +256,10 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
                 tta_test = tta_predict(prep, models, t.images(test))
                 out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
                 rows += prediction_rows(t, test, tta_test, "test_tta")
+            if view_tta:
+                vt_test = np.mean([view_tta_predict(prep, final, k, test) for k in range(len(final.members))], axis=0)
+                out["test_view_tta"] = log_split_metrics(prep, "test_view_tta", test, vt_test, seed)
+                rows += prediction_rows(t, test, vt_test, "test_view_tta")
             log_gradcam(prep, full, test, proba, tmp)
         mlflow.log_metric("test_reads", prep.test_reads)
         log_predictions(rows)

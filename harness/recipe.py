@@ -182,6 +182,10 @@ class EvaluationConfig(Strict):
     # validation and test image (strength `tta_strength`, no flips), logged as their own metric set. 0 = off.
     tta: int = Field(0, ge=0, le=64)
     tta_strength: float = Field(0.5, gt=0, le=1)
+    # A head trained on fixed views (training.views) also predicts each validation and test image as the mean over
+    # the image and the same views of it, read from the feature store (no extraction): `val_view_tta.*`, and
+    # `test_view_tta.*`, beside `val.*` and `test.*`. The served model predicts the image alone.
+    view_tta: bool = False
 
 
 class ModelConfig(Strict):
@@ -235,6 +239,8 @@ class Recipe(Strict):
                     f"{where}.views trains heads on cached features, which "
                     f"{'augment' if t.augment else 'a trainable backbone'} bypasses: use one"
                 )
+            if self.evaluation.view_tta and not t.views:
+                raise ValueError(f"evaluation.view_tta averages over the fixed views of {where}.views, which is 0")
             if t.views and ("flatten" in s.pooling or self.head_for(m).pooling == "flatten"):
                 raise ValueError(
                     f"{where}.views needs average pooling (search.pooling [avg], head.pooling avg): views are kept as "

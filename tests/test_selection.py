@@ -321,6 +321,44 @@ def test_views_train_heads_on_every_fixed_view_validate_on_originals_and_are_ext
     assert again.data.metrics["views_extracted"] == 0  # read from the feature store
 
 
+def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(tmp_path, mlflow_client):
+    from harness.finalize import view_tta_predict
+
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        **{"training.views": 2, "evaluation.view_tta": True, "search.max_trials": 1, "search.cv_folds": 2},
+    )
+    _tune(path)
+    (final,) = _runs(mlflow_client, "final")
+    m = final.data.metrics
+    assert {"val.accuracy", "val_view_tta.accuracy", "test.accuracy", "test_view_tta.accuracy"} <= set(m)
+    assert m["val_view_tta.n"] == m["val.n"] and m["test_view_tta.n"] == m["test.n"]  # the same images
+    assert m["test_reads"] == 1 and final.data.tags["view_tta"] == "on"
+    # the averaging itself, on a hand-made member: two images, two views, the mean of three predictions
+    import keras
+
+    from harness.finalize import FinalModel
+
+    class Prep:
+        n_classes, views, task = 2, np.array([[[1.0], [0.0]], [[0.0], [1.0]]]), None
+
+        def source(self, pooling):
+            return np.array([[0.0], [0.0]])
+
+    member = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2, activation="softmax")])
+    member.set_weights([np.array([[2.0, -2.0]]), np.zeros(2)])
+    final = FinalModel([member], [member], [None], [None], [], "single", "avg")
+    got = view_tta_predict(Prep(), final, 0, np.array([0, 1]))
+    each = [member.predict(np.array(x), verbose=0) for x in ([[0.0], [0.0]], [[1.0], [0.0]], [[0.0], [1.0]])]
+    np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5)
+
+
+def test_view_tta_without_views_is_refused_in_one_line(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", **{"evaluation.view_tta": True})
+    res = CliRunner().invoke(app, ["tune", str(path)])
+    assert res.exit_code != 0 and "evaluation.view_tta" in res.output and "Traceback" not in res.output
+
+
 def test_views_with_augmentation_are_refused_in_one_line(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", **{"training.views": 2, "training.augment": 0.5})
     res = CliRunner().invoke(app, ["tune", str(path)])
