@@ -239,6 +239,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             if view_tta:
                 vt_val = np.concatenate([view_tta_predict(prep, final, k, v) for k, v in val])[order]
                 out["val_view_tta"] = log_split_metrics(prep, "val_view_tta", idx, vt_val, seed)
+                rows += prediction_rows(t, idx, vt_val, "val_view_tta")  # paired with "val": McNemar out of fold
         test = prep.read_test()  # the one read of the test split for this model
         if len(test):
             proba = np.mean([member_predict(prep, final, k, test) for k in range(len(final.members))], axis=0)
