@@ -334,6 +334,15 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     assert {"val.accuracy", "val_view_tta.accuracy", "test.accuracy", "test_view_tta.accuracy"} <= set(m)
     assert m["val_view_tta.n"] == m["val.n"] and m["test_view_tta.n"] == m["test.n"]  # the same images
     assert m["test_reads"] == 1 and final.data.tags["view_tta"] == "on"
+    res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    header = next(
+        ln for ln in lines if ln.startswith("| model |") and "accuracy averaged over its training views" in ln
+    )
+    row = next(ln for ln in lines if ln.startswith("| task2-efficientnet_lite0 | efficientnet_lite0"))
+    at = [c.strip() for c in header.split("|")].index("accuracy averaged over its training views")
+    assert [c.strip() for c in row.split("|")][at] == f"{m['test_view_tta.accuracy']:.3f}"
     # the averaging itself, on a hand-made member: two images, two views, the mean of three predictions
     import keras
 

@@ -69,7 +69,7 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             ]
             + (["COVID-19 sensitivity"] if "covid" in classes else [])
             + ["ROC AUC", "test loss", "trials", "tuning s"]
-            + (["accuracy with TTA"] if any("test_tta.accuracy" in m.metrics for m in ms) else [])
+            + [words for key, words in EXTRA_SETS if any(key in m.metrics for m in ms)]
             + [f"P/R {c}" for c in classes]
         )
         rows = []
@@ -101,12 +101,18 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             if "covid" in classes:
                 row.append(_f(t.get("recall.covid")))
             row += [_f(t.get("roc_auc")), _f(t.get("loss")), len(m.trials) or "—", _f(search_s, 1)]
-            if any("test_tta.accuracy" in x.metrics for x in ms):
-                row.append(_f(m.metrics.get("test_tta.accuracy")))
+            row += [_f(m.metrics.get(key)) for key, _ in EXTRA_SETS if any(key in x.metrics for x in ms)]
             row += [f"{_f(t.get(f'precision.{c}'), 2)}/{_f(t.get(f'recall.{c}'), 2)}" for c in classes]
             rows.append(row)
         blocks += [h(f"Task {task}: {', '.join(classes)}", 3), table(headers, rows, f"summary-{task}")]
     return blocks
+
+
+# The final evaluation's optional metric sets, a column each where some model has them.
+EXTRA_SETS = (
+    ("test_tta.accuracy", "accuracy with TTA"),
+    ("test_view_tta.accuracy", "accuracy averaged over its training views"),
+)
 
 
 def selection(m: ModelResult) -> str:
