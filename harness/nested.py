@@ -3,7 +3,9 @@ is on one test split. The search and the final fit are repeated in an outer K-fo
 test split is never read); every image of train+validation is predicted once, by the model chosen without it. The
 floor is fitted on the same outer folds, so the two are paired on every one of those images.
 
-The fine-tuning stage is not repeated inside (its cost times K); the estimate is the head search's.
+The fine-tuning stage is not repeated inside (its cost times K); the estimate is the head search's. With
+`evaluation.view_tta` the same outer models also predict each held-out image averaged over its training views
+(`nested_view_tta.*`): a second estimate at no extra training, paired with the first on every image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from harness.baseline import floor_model
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.evaluate import log_predictions, mcnemar, metrics, prediction_rows
-from harness.finalize import fit_best, member_predict
+from harness.finalize import fit_best, member_predict, view_tta_predict
 from harness.prepared import Prepared
 from harness.search import HeadHyperModel, best_of, make_tuner, run_search, search_folds
 
@@ -35,7 +37,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
     except ValueError as e:
         raise HarnessError(f"{mcfg.key}: search.nested_cv {k_outer}: {e}") from None
     proba = np.zeros((len(t.y), prep.n_classes))
-    floor = np.zeros_like(proba)
+    floor, viewed = np.zeros_like(proba), np.zeros_like(proba)
+    view_tta = recipe.evaluation.view_tta and prep.views is not None
     with tracking.run(
         f"nested-cv {mcfg.key}",
         nested=True,
@@ -64,6 +67,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             best, score = found.values, found.score
             final = fit_best(prep, found, space, tcfg, inner, mode, refit_pool=inner_pool)
             proba[held] = np.mean([member_predict(prep, final, k, held) for k in range(len(final.members))], axis=0)
+            if view_tta:
+                viewed[held] = np.mean([view_tta_predict(prep, final, k, held) for k in range(len(final.members))], 0)
             lr_floor = floor_model().fit(prep.pooled[inner_pool], t.y[inner_pool])
             floor[held] = lr_floor.predict_proba(prep.pooled[held])
             acc = float((proba[held].argmax(1) == t.y[held]).mean())
@@ -92,6 +97,31 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             }
         )
         rows = prediction_rows(t, pool, proba[pool], "nested") + prediction_rows(t, pool, floor[pool], "nested_floor")
+        if view_tta:
+            vm = metrics(t.y[pool], viewed[pool], t.classes, seed=recipe.data.seed)
+            right = viewed[pool].argmax(1) == t.y[pool]
+            vs_floor = mcnemar(right, floor[pool].argmax(1) == t.y[pool])
+            vs_plain = mcnemar(right, proba[pool].argmax(1) == t.y[pool])
+            mlflow.log_metrics(
+                {
+                    **{f"nested_view_tta.{k}": v for k, v in vm.items() if np.isfinite(v)},
+                    "nested_view_tta.vs_floor.p_value": vs_floor["p_value"],
+                    "nested_view_tta.vs_image_alone.p_value": vs_plain["p_value"],
+                    "nested_view_tta.vs_image_alone.only_views": vs_plain["a_only"],
+                    "nested_view_tta.vs_image_alone.only_image": vs_plain["b_only"],
+                }
+            )
+            rows += prediction_rows(t, pool, viewed[pool], "nested_view_tta")
+            log.info(
+                "nested %s: averaged over its training views %.3f [%.3f, %.3f] (McNemar p %.3f against the image "
+                "alone, %.3f against the floor)",
+                mcfg.key,
+                vm["accuracy"],
+                vm["accuracy_cp_low"],
+                vm["accuracy_cp_high"],
+                vs_plain["p_value"],
+                vs_floor["p_value"],
+            )
         log_predictions(rows, "nested_predictions.csv.gz")
     log.info(
         "nested %s: accuracy %.3f [%.3f, %.3f] over %d images (floor %.3f, McNemar p %.3f)",

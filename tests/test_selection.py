@@ -326,7 +326,13 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
 
     path = write_recipe(
         tmp_path / "r.yaml",
-        **{"training.views": 2, "evaluation.view_tta": True, "search.max_trials": 1, "search.cv_folds": 2},
+        **{
+            "training.views": 2,
+            "evaluation.view_tta": True,
+            "search.max_trials": 1,
+            "search.cv_folds": 2,
+            "search.nested_cv": 2,
+        },
     )
     _tune(path)
     (final,) = _runs(mlflow_client, "final")
@@ -334,6 +340,18 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     assert {"val.accuracy", "val_view_tta.accuracy", "test.accuracy", "test_view_tta.accuracy"} <= set(m)
     assert m["val_view_tta.n"] == m["val.n"] and m["test_view_tta.n"] == m["test.n"]  # the same images
     assert m["test_reads"] == 1 and final.data.tags["view_tta"] == "on"
+    (nested,) = _runs(mlflow_client, "nested")
+    n = nested.data.metrics
+    assert n["nested_view_tta.n"] == n["nested.n"]  # the same held-out images, paired
+    import pandas as pd
+
+    preds = pd.read_csv(
+        mlflow_client.download_artifacts(nested.info.run_id, "nested_predictions.csv.gz", str(tmp_path))
+    )
+    plain = preds[preds.split == "nested"].set_index("file")
+    views = preds[preds.split == "nested_view_tta"].set_index("file").loc[plain.index]
+    only_views = int(((views.pred == views.true) & (plain.pred != plain.true)).sum())
+    assert n["nested_view_tta.vs_image_alone.only_views"] == only_views  # paired on the same images
     res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
     assert res.exit_code == 0, res.output
     lines = (tmp_path / "report" / "report.md").read_text().splitlines()
@@ -343,6 +361,9 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     row = next(ln for ln in lines if ln.startswith("| task2-efficientnet_lite0 | efficientnet_lite0"))
     at = [c.strip() for c in header.split("|")].index("accuracy averaged over its training views")
     assert [c.strip() for c in row.split("|")][at] == f"{m['test_view_tta.accuracy']:.3f}"
+    section = "\n".join(lines).split("## How good is the procedure")[1].split("\n## ")[0]
+    (vrow,) = [ln for ln in section.splitlines() if ln.startswith("| task2-efficientnet_lite0 |") and "|" in ln][1:]
+    assert vrow.startswith(f"| task2-efficientnet_lite0 | {n['nested_view_tta.accuracy']:.3f} [")
     # the averaging itself, on a hand-made member: two images, two views, the mean of three predictions
     import keras
 

@@ -158,6 +158,41 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         )
     if not rows:
         return []
+    viewed = [
+        [
+            m.key,
+            f"{_f(n.get('nested_view_tta.accuracy'))} [{_f(n.get('nested_view_tta.accuracy_cp_low'))}, "
+            f"{_f(n.get('nested_view_tta.accuracy_cp_high'))}]",
+            int(n.get("nested_view_tta.vs_image_alone.only_views", 0)),
+            int(n.get("nested_view_tta.vs_image_alone.only_image", 0)),
+            _f(n.get("nested_view_tta.vs_image_alone.p_value"), 4),
+            _f(n.get("nested_view_tta.vs_floor.p_value"), 4),
+        ]
+        for m in models
+        if m.nested is not None and "nested_view_tta.accuracy" in (n := m.nested.data.metrics)
+    ]
+    views_block = (
+        [
+            p(
+                "The same outer models, each held-out image predicted as the mean over it and the views its heads "
+                "trained on (evaluation.view_tta), paired with the image alone on every image:"
+            ),
+            table(
+                [
+                    "model",
+                    "averaged over training views [exact 95% CI]",
+                    "only views right",
+                    "only image right",
+                    "exact McNemar p",
+                    "exact McNemar p vs floor",
+                ],
+                viewed,
+                "nested-views",
+            ),
+        ]
+        if viewed
+        else []
+    )
     return [
         h("How good is the procedure: nested cross-validation", 2),
         p(
@@ -179,6 +214,7 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
             rows,
             "nested",
         ),
+        *views_block,
     ]
 
 
