@@ -302,9 +302,13 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
     assert all(0.0 <= s["C=0.1"]["accuracy"] <= 1.0 for s in result["scores"].values())
 
 
-def test_views_train_heads_on_every_fixed_view_validate_on_originals_and_are_extracted_once(tmp_path, mlflow_client):
+def test_views_train_heads_on_every_fixed_view_validate_on_originals_and_are_extracted_once(
+    tmp_path, mlflow_client, monkeypatch
+):
     from harness.data import prepare_task
     from harness.recipe import load_recipe
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # a store of its own: other tests extract views too
 
     path = write_recipe(tmp_path / "r.yaml", **{"training.views": 2, "search.max_trials": 1})
     _tune(path)
