@@ -76,11 +76,11 @@ def readouts(
     backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
     ends = stage_ends(backbone)
     multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
-    pre = preprocessing(SPECS[backbone_name].preprocess, task.colour)
+    spec = SPECS[backbone_name]
+    pre = preprocessing(spec.preprocess, task.colour)
     parts: dict[str, list[np.ndarray]] = {}
     augmented = [[] for _ in range(copies)]
     if fixed:
-        spec = SPECS[backbone_name]
         views = [
             forward_fn(backbone, spec.preprocess, task.colour, view=layer) for _, layer in fixed_views(copies, strength)
         ]
