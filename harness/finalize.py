@@ -170,6 +170,12 @@ def sample(y: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def ensemble_predict(prep: Prepared, final: FinalModel, idx: np.ndarray, per_member=None) -> np.ndarray:
+    """The members' probabilities for images `idx` (`per_member`, default `member_predict`), averaged."""
+    per_member = per_member or member_predict
+    return np.mean([per_member(prep, final, k, idx) for k in range(len(final.members))], axis=0)
+
+
 def view_tta_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
     """Member k's probabilities for images `idx`, averaged over each image and its fixed views (training.views):
     the pooled vectors the store keeps for every image, so nothing is extracted here."""
@@ -242,7 +248,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
                 rows += prediction_rows(t, idx, vt_val, "val_view_tta")  # paired with "val": McNemar out of fold
         test = prep.read_test()  # the one read of the test split for this model
         if len(test):
-            proba = np.mean([member_predict(prep, final, k, test) for k in range(len(final.members))], axis=0)
+            proba = ensemble_predict(prep, final, test)
             out["test"] = log_split_metrics(prep, "test", test, proba, seed)
             confusion_figure(
                 t.y[test],
@@ -258,7 +264,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
                 out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
                 rows += prediction_rows(t, test, tta_test, "test_tta")
             if view_tta:
-                vt_test = np.mean([view_tta_predict(prep, final, k, test) for k in range(len(final.members))], axis=0)
+                vt_test = ensemble_predict(prep, final, test, view_tta_predict)
                 out["test_view_tta"] = log_split_metrics(prep, "test_view_tta", test, vt_test, seed)
                 rows += prediction_rows(t, test, vt_test, "test_view_tta")
             log_gradcam(prep, full, test, proba, tmp)

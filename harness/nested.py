@@ -20,7 +20,7 @@ from harness.baseline import floor_model
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.evaluate import log_predictions, mcnemar, metrics, prediction_rows
-from harness.finalize import fit_best, member_predict, view_tta_predict
+from harness.finalize import ensemble_predict, fit_best, view_tta_predict
 from harness.prepared import Prepared
 from harness.search import HeadHyperModel, best_of, make_tuner, run_search, search_folds
 
@@ -66,9 +66,9 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             found = best_of(tuner, mcfg.key)
             best, score = found.values, found.score
             final = fit_best(prep, found, space, tcfg, inner, mode, refit_pool=inner_pool)
-            proba[held] = np.mean([member_predict(prep, final, k, held) for k in range(len(final.members))], axis=0)
+            proba[held] = ensemble_predict(prep, final, held)
             if view_tta:
-                viewed[held] = np.mean([view_tta_predict(prep, final, k, held) for k in range(len(final.members))], 0)
+                viewed[held] = ensemble_predict(prep, final, held, view_tta_predict)
             lr_floor = floor_model().fit(prep.pooled[inner_pool], t.y[inner_pool])
             floor[held] = lr_floor.predict_proba(prep.pooled[held])
             acc = float((proba[held].argmax(1) == t.y[held]).mean())

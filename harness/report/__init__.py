@@ -54,6 +54,7 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
     for task in sorted({m.task for m in models}):
         ms = [m for m in models if m.task == task]
         classes = ms[0].classes
+        extra = [(key, words) for key, words in EXTRA_SETS if any(key in m.metrics for m in ms)]
         headers = (
             [
                 "model",
@@ -69,7 +70,7 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             ]
             + (["COVID-19 sensitivity"] if "covid" in classes else [])
             + ["ROC AUC", "test loss", "trials", "tuning s"]
-            + [words for key, words in EXTRA_SETS if any(key in m.metrics for m in ms)]
+            + [words for _, words in extra]
             + [f"P/R {c}" for c in classes]
         )
         rows = []
@@ -101,7 +102,7 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             if "covid" in classes:
                 row.append(_f(t.get("recall.covid")))
             row += [_f(t.get("roc_auc")), _f(t.get("loss")), len(m.trials) or "—", _f(search_s, 1)]
-            row += [_f(m.metrics.get(key)) for key, _ in EXTRA_SETS if any(key in x.metrics for x in ms)]
+            row += [_f(m.metrics.get(key)) for key, _ in extra]
             row += [f"{_f(t.get(f'precision.{c}'), 2)}/{_f(t.get(f'recall.{c}'), 2)}" for c in classes]
             rows.append(row)
         blocks += [h(f"Task {task}: {', '.join(classes)}", 3), table(headers, rows, f"summary-{task}")]
