@@ -35,7 +35,7 @@ FEATURE_VERSION = "v4"  # v4: entry files (v3: per-image .npz; v2: the in-model 
 
 
 def shelf_key(backbone: str, weights: WeightsInfo, image_size: int, colour: str, view: str = "") -> str:
-    """A shelf per backbone, weights, size, colour policy and preprocessing, and per fixed view of the images
+    """A shelf per backbone, weights, size, colour policy and preprocessing, and per view of the images
     (`training.views`; the originals' key is unchanged by the views' existence)."""
     parts = [FEATURE_VERSION, backbone, weights.id, str(image_size), colour, SPECS[backbone].preprocess]
     if view:
@@ -49,12 +49,21 @@ def entry_path(shelf: Path, sha1: str) -> Path:
 
 
 def forward_fn(backbone_model, preprocess: str, colour: str, view=None):
-    """The backbone behind the model's own preprocessing layer, compiled once, on uint8 image batches; with a fixed
-    view (`fixed_views`), the view transforms the preprocessed images first (geometric: it commutes with the
-    per-pixel preprocessing)."""
+    """`forward(images, sha1s=None)`: the backbone behind the model's own preprocessing layer, compiled once, on uint8
+    image batches. A fixed view (`fixed_views`) transforms the preprocessed images first (geometric: it commutes
+    with the per-pixel preprocessing); a random view (`random_views`) moves each raw image by the params its hash
+    draws (its contrast step needs the 0-255 range), so it needs the batch's `sha1s`."""
     import tensorflow as tf
 
     pre = preprocessing(preprocess, colour)
+    spec = tf.TensorSpec((None, *backbone_model.input_shape[1:]), tf.uint8)
+    if getattr(view, "per_image", False):  # a random view moves each image by its own params, on raw pixels
+
+        @tf.function(input_signature=[spec, tf.TensorSpec((None, 5), tf.float32)])
+        def forward_each(batch, params):
+            return backbone_model(pre(view(batch, params)), training=False)
+
+        return lambda images, sha1s: forward_each(tf.constant(images), tf.constant(view.params(sha1s)))
 
     def inputs(batch):
         x = pre(batch)
@@ -62,11 +71,11 @@ def forward_fn(backbone_model, preprocess: str, colour: str, view=None):
 
     # One trace for every batch size: without a signature the short last batch traced the graph again (~0.8 s for
     # Lite0, a sixth of extracting 1,000 images here).
-    @tf.function(input_signature=[tf.TensorSpec((None, *backbone_model.input_shape[1:]), tf.uint8)])
+    @tf.function(input_signature=[spec])
     def forward(batch):
         return backbone_model(inputs(batch), training=False)
 
-    return forward
+    return lambda images, sha1s=None: forward(tf.constant(images))
 
 
 def extract(
@@ -86,15 +95,13 @@ def extract(
     next batch's forward pass); otherwise the maps come back as one array."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import tensorflow as tf
-
     idx = np.arange(len(task.y)) if idx is None else np.asarray(idx, dtype=int)
     forward = forward_fn(backbone_model, preprocess, colour, view)
     out, pending = [], []
     with Progress(transient=True) as progress, ThreadPoolExecutor(1) as writer:
         job = progress.add_task(label, total=len(idx))
         for pos, images in task.batches(idx, batch_size):
-            maps = forward(tf.constant(images)).numpy()
+            maps = forward(images, [task.sha1s[i] for i in idx[pos]]).numpy()
             if on_batch is not None:
                 pending.append(writer.submit(on_batch, pos, maps))
                 if len(pending) > 2:  # at most two batches of maps wait for the disk: memory stays flat

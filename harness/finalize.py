@@ -177,7 +177,7 @@ def ensemble_predict(prep: Prepared, final: FinalModel, idx: np.ndarray, per_mem
 
 
 def view_tta_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
-    """Member k's probabilities for images `idx`, averaged over each image and its fixed views (training.views):
+    """Member k's probabilities for images `idx`, averaged over each image and its views (training.views):
     the pooled vectors the store keeps for every image, so nothing is extracted here."""
     total = member_predict(prep, final, k, idx)
     for view in prep.views:

@@ -339,7 +339,7 @@ def fit_on(
     restore_best: bool = False,
     on_epoch=None,
 ) -> list[FitResult]:
-    """`fit_models` on a prepared model's images: its cached features (pooled for `avg`, with every fixed view of
+    """`fit_models` on a prepared model's images: its cached features (pooled for `avg`, with every view of
     each training image when the recipe asks for views) or the images themselves (no XLA there: compiling a whole
     backbone costs more than a few epochs on a CPU gain)."""
     x, y = prep.source(pooling), prep.task.y

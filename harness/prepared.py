@@ -18,7 +18,7 @@ from harness.data import TaskData, prepare_task
 from harness.features import Features, features_for
 from harness.models import assemble, build_backbone, build_head
 from harness.models.backbones import SPECS, WeightsInfo
-from harness.models.heads import fixed_views
+from harness.models.heads import fixed_views, random_views
 from harness.recipe import HeadConfig, ModelConfig, Recipe
 
 
@@ -32,7 +32,7 @@ class Prepared:
     features: Features | None  # the store's features of a frozen backbone, or None (images go through it)
     info: dict  # feature_cache (hit | miss | bypassed (why)), timings
     test_reads: int = 0  # how often the test split was read (once per final model, by `read_test`)
-    views: np.ndarray | None = None  # (V, N, C) pooled vectors of every image's fixed views (training.views), or None
+    views: np.ndarray | None = None  # (V, N, C) pooled vectors of every image's views (training.views), or None
 
     @functools.cached_property
     def pooled_with_views(self) -> np.ndarray:
@@ -120,7 +120,8 @@ def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> 
     tcfg = recipe.training_for(mcfg)
     if feats is not None and tcfg.views:
         t2, pooled, extracted = time.perf_counter(), [], 0
-        for view in fixed_views(tcfg.views, tcfg.views_strength):
+        kind = random_views if tcfg.views_kind == "random" else fixed_views
+        for view in kind(tcfg.views, tcfg.views_strength):
             vf, vinfo = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg), view)
             pooled.append(vf.pooled)
             extracted += vinfo["extracted"]

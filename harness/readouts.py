@@ -26,7 +26,7 @@ from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.features import forward_fn
 from harness.models.backbones import SPECS, build_backbone
-from harness.models.heads import augmentation, fixed_views
+from harness.models.heads import fixed_views, random_views
 from harness.models.layers import preprocessing
 from harness.recipe import Recipe
 
@@ -63,16 +63,14 @@ def readouts(
     mirror: str | None = None,
     copies: int = 0,
     strength: float = 0.5,
-    seed: int = 0,
     fixed: bool = False,
     batch: int = 32,
 ) -> tuple[dict, np.ndarray | None]:
     """(name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone;
-    the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). Random copies use
-    the fine-tuning stage's augmentation (`augmentation(strength)`: rotation, zoom, shift, contrast; never flips);
-    `fixed` copies are the same transforms for every image (`fixed_views`), through the feature store's own path
-    (`forward_fn(view=)`: the view moves the preprocessed image), so they are the features `training.views` trains
-    on. Random copies move the raw pixels: their contrast step needs the 0-255 range."""
+    the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). The copies are the
+    feature store's own views of `training.views`, by the same path (`forward_fn(view=)`), so they are the features
+    the harness trains on: random copies (`random_views`: every image its own rotation, zoom, shift and contrast,
+    drawn from its content hash) or, with `fixed`, the same transforms for every image (`fixed_views`)."""
     backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
     ends = stage_ends(backbone)
     multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
@@ -80,19 +78,8 @@ def readouts(
     pre = preprocessing(spec.preprocess, task.colour)
     parts: dict[str, list[np.ndarray]] = {}
     augmented = [[] for _ in range(copies)]
-    if fixed:
-        views = [
-            forward_fn(backbone, spec.preprocess, task.colour, view=layer) for _, layer in fixed_views(copies, strength)
-        ]
-    else:
-        augment = augmentation(strength)
-
-        def random_copy(images):
-            moved = keras.ops.clip(augment(images.astype(np.float32), training=True), 0.0, 255.0)
-            return backbone(pre(moved), training=False)
-
-        views = [random_copy] * copies
-    keras.utils.set_random_seed(seed)
+    kinds = (fixed_views if fixed else random_views)(copies, strength)
+    views = [forward_fn(backbone, spec.preprocess, task.colour, view=layer) for _, layer in kinds]
 
     def add(name, value):
         parts.setdefault(name, []).append(np.asarray(value, np.float32))
@@ -100,8 +87,9 @@ def readouts(
     for s in range(0, len(idx), batch):
         images = task.images(idx[s : s + batch])
         outs = [np.asarray(o) for o in multi(pre(images), training=False)]
+        sha1s = [task.sha1s[i] for i in idx[s : s + batch]]
         for k, view in enumerate(views):
-            augmented[k].append(np.asarray(view(images)).mean(axis=(1, 2)))
+            augmented[k].append(np.asarray(view(images, sha1s)).mean(axis=(1, 2)))
         for (name, _), maps in zip(ends, outs):
             add(f"{name} avg", maps.mean(axis=(1, 2)))
         top = outs[-1]
@@ -164,7 +152,7 @@ def readout_benchmark(
     idx = task.pool()
     seed = recipe.data.seed
     feats, augmented = readouts(
-        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, seed, fixed
+        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, fixed
     )
     t1 = time.perf_counter()
     y, groups = task.y[idx], task.groups[idx]

@@ -83,12 +83,15 @@ class TrainingConfig(Strict):
     # Augmentation strength while training, 0 = off: 1 = rotation up to 10 degrees, zoom and shift up to 10% and 5%,
     # contrast up to 20% (no flips: a chest X-ray has a side). On, images go through the backbone every epoch.
     augment: float = Field(0.0, ge=0, le=1)
-    # Heads on cached features also train on this many fixed views of every training image (rotation, zoom and shift
-    # at `views_strength` on augment's scale, the same transforms for every image, kept in the feature store like
-    # the originals). Validation, test, the floor and the served model see the originals. 0 = off; average pooling
-    # only (the views are kept as pooled vectors).
+    # Heads on cached features also train on this many views of every training image (moved at `views_strength` on
+    # augment's scale, as `views_kind` says; kept in the feature store like the originals). Validation, test, the
+    # floor and the served model see the originals. 0 = off; average pooling only (the views are kept as pooled
+    # vectors).
     views: int = Field(0, ge=0, le=24)
     views_strength: float = Field(0.5, gt=0, le=1)
+    # fixed: the same transforms for every image, one kind each; random: every image its own rotation, zoom, shift
+    # and contrast together, drawn from its content hash (so still extracted once and cached).
+    views_kind: Literal["fixed", "random"] = "fixed"
     batch_size: int = Field(16, ge=1, le=4096)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"  # Keras' defaults but the learning rate
     learning_rate: float = Field(1e-4, gt=0, lt=1)
@@ -182,7 +185,7 @@ class EvaluationConfig(Strict):
     # validation and test image (strength `tta_strength`, no flips), logged as their own metric set. 0 = off.
     tta: int = Field(0, ge=0, le=64)
     tta_strength: float = Field(0.5, gt=0, le=1)
-    # A head trained on fixed views (training.views) also predicts each validation and test image as the mean over
+    # A head trained on views (training.views) also predicts each validation and test image as the mean over
     # the image and the same views of it, read from the feature store (no extraction): `val_view_tta.*`, and
     # `test_view_tta.*`, beside `val.*` and `test.*`. The served model predicts the image alone.
     view_tta: bool = False
@@ -240,7 +243,7 @@ class Recipe(Strict):
                     f"{'augment' if t.augment else 'a trainable backbone'} bypasses: use one"
                 )
             if self.evaluation.view_tta and not t.views:
-                raise ValueError(f"evaluation.view_tta averages over the fixed views of {where}.views, which is 0")
+                raise ValueError(f"evaluation.view_tta averages over the views of {where}.views, which is 0")
             if t.views and ("flatten" in s.pooling or self.head_for(m).pooling == "flatten"):
                 raise ValueError(
                     f"{where}.views needs average pooling (search.pooling [avg], head.pooling avg): views are kept as "

@@ -170,7 +170,7 @@ def log_context(prep) -> None:
             # images this run's preparation pushed through the backbone (0: all read from the store)
             "extracted_images": prep.info["extracted"],
             "images": len(t.y),
-            # the fixed views' share of the same (training.views): seconds, and view-images extracted
+            # the views' share of the same (training.views): seconds, and view-images extracted
             **{k: prep.info[k] for k in ("views_seconds", "views_extracted") if k in prep.info},
         }
     )

@@ -1,6 +1,7 @@
 """Selecting models that can be ranked: cross-validated trials, fold ensembles and refits, the nested estimate, the
 fine-tuning stage, test-time augmentation; the test split read once per final model."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -235,6 +236,20 @@ def test_nested_cv_of_one_fold_is_refused(tmp_path):
     assert res.exit_code == 2 and "search.nested_cv" in res.output and "at least 2" in res.output
 
 
+def test_random_views_draw_each_images_transform_from_its_hash_alone():
+    from harness.models.heads import random_views
+
+    (_, v0), (_, v1) = random_views(2, 0.5)
+    a, b = "3f" * 20, "a7" * 20
+    np.testing.assert_array_equal(v0.params([a, b])[0], v0.params([b, a, b])[1])  # not the batch: the image
+    assert not np.allclose(v0.params([a])[0], v0.params([b])[0])  # each image its own transform
+    assert not np.allclose(v0.params([a])[0], v1.params([a])[0])  # and another one in each view
+    p = v0.params([hashlib.sha1(str(i).encode()).hexdigest() for i in range(500)])  # as images are keyed
+    # within augmentation(0.5)'s ranges: rotation 5 degrees, zoom 5 %, shift 2.5 %, contrast 10 %
+    assert np.abs(p - [0, 1, 0, 0, 1]).max(axis=0) == pytest.approx([np.deg2rad(5), 0.05, 0.025, 0.025, 0.1], rel=0.02)
+    assert v0.name != v1.name and v0.name != random_views(1, 0.25)[0][0]  # names key the store's shelves
+
+
 def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and_no_test_image_is_read(
     tmp_path,
 ):
@@ -247,19 +262,20 @@ def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and
     task, pool, seen = prep.task, prep.task.pool(), []
     images = task.images
     task.images = lambda idx: (seen.extend(np.asarray(idx).tolist()), images(idx))[1]
-    feats, copies = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2)
+    feats, copies = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, batch=5)
     assert sorted(seen) == pool.tolist() and not set(seen) & set(task.splits["test"].tolist())
     np.testing.assert_allclose(feats[f"{TOP} avg"], prep.pooled[pool], rtol=1e-4, atol=1e-4)
     assert len([n for n in feats if n.startswith("stage")]) == 7  # Lite0's seven stages of blocks
     assert all(len(x) == len(pool) for x in feats.values())
     assert copies.shape == (2, *feats[f"{TOP} avg"].shape) and not np.allclose(copies[0], feats[f"{TOP} avg"])
-    _, fixed = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, seed=1, fixed=True)
-    _, again = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, seed=2, fixed=True)
-    np.testing.assert_array_equal(fixed, again)  # fixed views do not depend on the seed: the same for every image
-    assert not np.allclose(fixed[0], fixed[1])
-    # the bench's fixed copies are the feature store's view shelves (training.views), by the same path
-    viewed = load_recipe(write_recipe(tmp_path / "v.yaml", **{"training.views": 2, "training.views_strength": 0.5}))
-    np.testing.assert_allclose(fixed, prepare(viewed, viewed.model()).views[:, pool], rtol=1e-4, atol=1e-4)
+    _, fixed = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, fixed=True)
+    assert not np.allclose(fixed[0], fixed[1]) and not np.allclose(fixed, copies)
+    # the bench's copies of both kinds are the feature store's view shelves (training.views), by the same path,
+    # though the store extracts every image of the task in batches of its own
+    for kind, bench in (("fixed", fixed), ("random", copies)):
+        over = {"training.views": 2, "training.views_strength": 0.5, "training.views_kind": kind}
+        viewed = load_recipe(write_recipe(tmp_path / f"{kind}.yaml", **over))
+        np.testing.assert_allclose(bench, prepare(viewed, viewed.model()).views[:, pool], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -9,7 +9,10 @@ head (`units: [256, 256, 64]`, flatten) has the seed's 6,505,089 trainable param
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
+import numpy as np
 
 from harness.models.layers import preprocessing
 
@@ -69,6 +72,61 @@ def fixed_views(copies: int, strength: float) -> list[tuple[str, keras.layers.La
         value = unit * strength * (1 + k // len(kinds))
         views.append((name.format(value), make(value)))
     return views
+
+
+@dataclass(frozen=True)
+class RandomView:
+    """View k of `random_views`: every image moved by a transform of its own, drawn from its content hash and k, so
+    an image's view is the same whatever batch it is extracted in, and the entry can be cached under its hash."""
+
+    k: int
+    strength: float
+    per_image = True  # the feature store passes each image's `params` beside the batch
+
+    @property
+    def name(self) -> str:
+        return f"random{self.k}-s{self.strength:g}-v1"  # v1: the draw below; a new draw needs a new name
+
+    def params(self, sha1s) -> np.ndarray:
+        """(N, 5) float32: rotation (radians), zoom factor, shift x and y (fractions of the side), contrast factor;
+        uniform on `augmentation(strength)`'s ranges."""
+        s, out = self.strength, np.empty((len(sha1s), 5), np.float32)
+        for i, sha1 in enumerate(sha1s):
+            u = np.random.default_rng([int(sha1[:15], 16), self.k]).uniform(-1, 1, 5)
+            out[i] = [
+                np.deg2rad(10 * s * u[0]),
+                1 + 0.1 * s * u[1],
+                0.05 * s * u[2],
+                0.05 * s * u[3],
+                1 + 0.2 * s * u[4],
+            ]
+        return out
+
+    def __call__(self, images, params):
+        """Raw 0-255 images (N, H, W, C) moved by their `params`, bilinear, borders reflected (as Keras' random
+        layers), contrast scaled about each image's channel means, clipped to 0-255 (before the preprocessing)."""
+        ops = keras.ops
+        x = ops.cast(images, "float32")
+        h, w = x.shape[1], x.shape[2]
+        angle, zoom, tx, ty, contrast = (params[:, i] for i in range(5))
+        cos, sin = ops.cos(angle) / zoom, ops.sin(angle) / zoom
+        # An output pixel p reads the input at c + R(-angle) (p - c - t) / zoom: rotation and zoom about the centre c.
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        ox, oy = cx + tx * w, cy + ty * h
+        zeros = ops.zeros_like(angle)
+        transform = ops.stack(
+            [cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy, zeros, zeros], axis=1
+        )
+        x = ops.image.affine_transform(x, transform, interpolation="bilinear", fill_mode="reflect")
+        mean = ops.mean(x, axis=(1, 2), keepdims=True)
+        return ops.clip((x - mean) * contrast[:, None, None, None] + mean, 0.0, 255.0)
+
+
+def random_views(copies: int, strength: float) -> list[tuple[str, RandomView]]:
+    """`copies` (name, view) views in which every image has transforms of its own, drawn on all of
+    `augmentation(strength)`'s kinds at once (rotation, zoom, shift, contrast), where `fixed_views` moves every image
+    the same way, one kind at a time."""
+    return [(v.name, v) for v in (RandomView(k, strength) for k in range(copies))]
 
 
 def assemble(
