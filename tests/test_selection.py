@@ -223,6 +223,23 @@ def test_test_time_augmentation_is_its_own_metric_set_tagged_with_whether_traini
     assert final.data.tags["tta.trained_with_augmentation"] == "false"  # heads on clean cached features
 
 
+def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training(tmp_path):
+    from harness.evaluate import as_proba
+    from harness.finalize import tta_predict
+    from harness.fit import predict
+    from harness.models.heads import build_head
+    from harness.prepared import full_model, prepare
+    from harness.recipe import load_recipe
+
+    over = {"training.views": 2, "training.views_kind": "random", "evaluation.tta": 2}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **over))
+    prep = prepare(recipe, recipe.model())
+    head = build_head(prep.features.pooled.shape[1:], prep.n_classes, [8], 0.0, "avg")
+    idx = prep.task.splits["test"]
+    on_views = np.mean([as_proba(predict(head, view[idx]), prep.n_classes) for view in prep.views], axis=0)
+    np.testing.assert_allclose(tta_predict(prep, [full_model(prep, head)], idx), on_views, atol=2e-4)
+
+
 def test_finetune_with_refit_is_refused_in_one_line(tmp_path):
     path = write_recipe(
         tmp_path / "r.yaml", **{"search.cv_folds": 2, "search.final": "refit", "search.finetune": {"max_trials": 1}}
