@@ -314,7 +314,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
     compared with the exact McNemar test (the numbers of the report, recomputed from the logged predictions)."""
     import itertools
 
-    from harness.report import compare, paired, test_metrics
+    from harness.report import NESTED_SETS, compare, paired, test_metrics
     from harness.report.collect import collect
     from harness.study import tune
 
@@ -363,6 +363,14 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             "view_tta_accuracy": m.metrics.get("test_view_tta.accuracy"),
             "nested": {
                 k.removeprefix("nested."): v for k, v in m.nested.data.metrics.items() if k.startswith("nested.")
+            }
+            if m.nested
+            else None,
+            # the same outer models averaged over copies of each image (evaluation.tta / view_tta)
+            "nested_averaged": {
+                label: {k.removeprefix(f"{name}."): v for k, v in m.nested.data.metrics.items() if k.startswith(name)}
+                for name, label in NESTED_SETS
+                if f"{name}.accuracy" in m.nested.data.metrics
             }
             if m.nested
             else None,
@@ -433,6 +441,7 @@ def selection_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int 
             "cv_winner": {"model": wc, **out["cv"]["per_model"][wc]},
             "finetuned_winner": {"model": wc, **f},
             "nested": f.get("nested"),
+            "nested_averaged": f.get("nested_averaged"),
         }
     return {
         "study": recipe.study,
@@ -532,6 +541,14 @@ def main_selection(recipe_path: Path, only: list[str] | None, max_trials: int | 
                     f"{n['accuracy']:.3f} [{n['accuracy_cp_low']:.3f}, "
                     f"{n['accuracy_cp_high']:.3f}] (n={int(n['n'])}); floor {n['floor.accuracy']:.3f}, "
                     f"McNemar p {n['vs_floor.p_value']:.3f}",
+                )
+            )
+        for label, a in (t.get("nested_averaged") or {}).items():
+            rows.append(
+                (
+                    f"nested CV, averaged over {label}",
+                    f"{a['accuracy']:.3f} [{a['accuracy_cp_low']:.3f}, {a['accuracy_cp_high']:.3f}]; McNemar p "
+                    f"{a['vs_image_alone.p_value']:.3f} vs the image alone, {a['vs_floor.p_value']:.3f} vs the floor",
                 )
             )
         print_rows(f"Selection benchmark, {task}", rows)

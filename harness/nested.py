@@ -4,8 +4,9 @@ test split is never read); every image of train+validation is predicted once, by
 floor is fitted on the same outer folds, so the two are paired on every one of those images.
 
 The fine-tuning stage is not repeated inside (its cost times K); the estimate is the head search's. With
-`evaluation.view_tta` the same outer models also predict each held-out image averaged over its training views
-(`nested_view_tta.*`): a second estimate at no extra training, paired with the first on every image.
+`evaluation.tta` / `evaluation.view_tta` the same outer models also predict each held-out image averaged over its
+random augmented copies (`nested_tta.*`) / its training views (`nested_view_tta.*`): more estimates at no extra
+training, each paired with the image alone and with the floor on every image.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from harness.baseline import floor_model
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.evaluate import log_predictions, mcnemar, metrics, prediction_rows
-from harness.finalize import ensemble_predict, fit_best, view_tta_predict
+from harness.finalize import ensemble_predict, fit_best, tta_predict, view_tta_predict
 from harness.prepared import Prepared
 from harness.search import HeadHyperModel, best_of, make_tuner, run_search, search_folds
 
@@ -37,8 +38,14 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
     except ValueError as e:
         raise HarnessError(f"{mcfg.key}: search.nested_cv {k_outer}: {e}") from None
     proba = np.zeros((len(t.y), prep.n_classes))
-    floor, viewed = np.zeros_like(proba), np.zeros_like(proba)
-    view_tta = recipe.evaluation.view_tta and prep.views is not None
+    floor = np.zeros_like(proba)
+    # The outer models' averaged predictions (name -> how), each a metric set of its own.
+    averaged = {}
+    if recipe.evaluation.tta:
+        averaged["nested_tta"] = lambda final, held: tta_predict(prep, final.full_models(prep), held)
+    if recipe.evaluation.view_tta and prep.views is not None:
+        averaged["nested_view_tta"] = lambda final, held: ensemble_predict(prep, final, held, view_tta_predict)
+    extra = {name: np.zeros_like(proba) for name in averaged}
     with tracking.run(
         f"nested-cv {mcfg.key}",
         nested=True,
@@ -67,8 +74,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             best, score = found.values, found.score
             final = fit_best(prep, found, space, tcfg, inner, mode, refit_pool=inner_pool)
             proba[held] = ensemble_predict(prep, final, held)
-            if view_tta:
-                viewed[held] = ensemble_predict(prep, final, held, view_tta_predict)
+            for name, predict_held in averaged.items():
+                extra[name][held] = predict_held(final, held)
             lr_floor = floor_model().fit(prep.pooled[inner_pool], t.y[inner_pool])
             floor[held] = lr_floor.predict_proba(prep.pooled[held])
             acc = float((proba[held].argmax(1) == t.y[held]).mean())
@@ -97,25 +104,25 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             }
         )
         rows = prediction_rows(t, pool, proba[pool], "nested") + prediction_rows(t, pool, floor[pool], "nested_floor")
-        if view_tta:
-            vm = metrics(t.y[pool], viewed[pool], t.classes, seed=recipe.data.seed)
-            right = viewed[pool].argmax(1) == t.y[pool]
+        for name, averaged_proba in extra.items():
+            vm = metrics(t.y[pool], averaged_proba[pool], t.classes, seed=recipe.data.seed)
+            right = averaged_proba[pool].argmax(1) == t.y[pool]
             vs_floor = mcnemar(right, floor[pool].argmax(1) == t.y[pool])
             vs_plain = mcnemar(right, proba[pool].argmax(1) == t.y[pool])
             mlflow.log_metrics(
                 {
-                    **{f"nested_view_tta.{k}": v for k, v in vm.items() if np.isfinite(v)},
-                    "nested_view_tta.vs_floor.p_value": vs_floor["p_value"],
-                    "nested_view_tta.vs_image_alone.p_value": vs_plain["p_value"],
-                    "nested_view_tta.vs_image_alone.only_views": vs_plain["a_only"],
-                    "nested_view_tta.vs_image_alone.only_image": vs_plain["b_only"],
+                    **{f"{name}.{k}": v for k, v in vm.items() if np.isfinite(v)},
+                    f"{name}.vs_floor.p_value": vs_floor["p_value"],
+                    f"{name}.vs_image_alone.p_value": vs_plain["p_value"],
+                    f"{name}.vs_image_alone.only_averaged": vs_plain["a_only"],
+                    f"{name}.vs_image_alone.only_image": vs_plain["b_only"],
                 }
             )
-            rows += prediction_rows(t, pool, viewed[pool], "nested_view_tta")
+            rows += prediction_rows(t, pool, averaged_proba[pool], name)
             log.info(
-                "nested %s: averaged over its training views %.3f [%.3f, %.3f] (McNemar p %.3f against the image "
-                "alone, %.3f against the floor)",
+                "nested %s: %s %.3f [%.3f, %.3f] (McNemar p %.3f against the image alone, %.3f against the floor)",
                 mcfg.key,
+                name,
                 vm["accuracy"],
                 vm["accuracy_cp_low"],
                 vm["accuracy_cp_high"],

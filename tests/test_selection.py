@@ -211,16 +211,29 @@ def test_finetune_stage_searches_from_the_best_head_within_its_budget(tmp_path, 
 
 
 @pytest.mark.slow
-def test_test_time_augmentation_is_its_own_metric_set_tagged_with_whether_training_saw_augmentation(
-    tmp_path, mlflow_client
-):
-    path = write_recipe(tmp_path / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2, "evaluation.tta": 3})
+def test_test_time_augmentation_is_its_own_metric_set_in_the_final_and_the_nested_estimate(tmp_path, mlflow_client):
+    over = {
+        "search.max_trials": 1,
+        "training.epochs": 2,
+        "evaluation.tta": 3,
+        "search.cv_folds": 2,
+        "search.nested_cv": 2,
+    }
+    path = write_recipe(tmp_path / "r.yaml", **over)
     _tune(path)
     (final,) = _runs(mlflow_client, "final")
     m = final.data.metrics
     assert {"test.accuracy", "test_tta.accuracy", "val.accuracy", "val_tta.accuracy"} <= set(m)
-    assert m["test_tta.n"] == m["test.n"] and m["test_reads"] == 1
+    assert m["test_tta.n"] == m["test.n"] and m["val_tta.n"] == m["val.n"] and m["test_reads"] == 1
     assert final.data.tags["tta.trained_with_augmentation"] == "false"  # heads on clean cached features
+    (nested,) = _runs(mlflow_client, "nested")
+    n = nested.data.metrics
+    assert n["nested_tta.n"] == n["nested.n"] and "nested_view_tta.n" not in n  # the same held-out images
+    res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    section = (tmp_path / "report" / "report.md").read_text().split("## How good is the procedure")[1].split("\n## ")[0]
+    (row,) = [ln for ln in section.splitlines() if ln.startswith("| task2-efficientnet_lite0 | random augmented")]
+    assert f"| {n['nested_tta.accuracy']:.3f} [" in row
 
 
 def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training(tmp_path):
@@ -388,7 +401,7 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     plain = preds[preds.split == "nested"].set_index("file")
     views = preds[preds.split == "nested_view_tta"].set_index("file").loc[plain.index]
     only_views = int(((views.pred == views.true) & (plain.pred != plain.true)).sum())
-    assert n["nested_view_tta.vs_image_alone.only_views"] == only_views  # paired on the same images
+    assert n["nested_view_tta.vs_image_alone.only_averaged"] == only_views  # paired on the same images
     res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
     assert res.exit_code == 0, res.output
     lines = (tmp_path / "report" / "report.md").read_text().splitlines()
@@ -400,7 +413,7 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     assert [c.strip() for c in row.split("|")][at] == f"{m['test_view_tta.accuracy']:.3f}"
     section = "\n".join(lines).split("## How good is the procedure")[1].split("\n## ")[0]
     (vrow,) = [ln for ln in section.splitlines() if ln.startswith("| task2-efficientnet_lite0 |") and "|" in ln][1:]
-    assert vrow.startswith(f"| task2-efficientnet_lite0 | {n['nested_view_tta.accuracy']:.3f} [")
+    assert vrow.startswith(f"| task2-efficientnet_lite0 | its training views | {n['nested_view_tta.accuracy']:.3f} [")
     # the averaging itself, on a hand-made member: two images, two views, the mean of three predictions
     import keras
 

@@ -114,6 +114,8 @@ EXTRA_SETS = (
     ("test_tta.accuracy", "accuracy with TTA"),
     ("test_view_tta.accuracy", "accuracy averaged over its training views"),
 )
+# The nested estimate's optional averaged sets (harness.nested), a row each.
+NESTED_SETS = (("nested_tta", "random augmented copies (TTA)"), ("nested_view_tta", "its training views"))
 
 
 def selection(m: ModelResult) -> str:
@@ -159,39 +161,44 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         )
     if not rows:
         return []
-    viewed = [
+    averaged = [
         [
             m.key,
-            f"{_f(n.get('nested_view_tta.accuracy'))} [{_f(n.get('nested_view_tta.accuracy_cp_low'))}, "
-            f"{_f(n.get('nested_view_tta.accuracy_cp_high'))}]",
-            int(n.get("nested_view_tta.vs_image_alone.only_views", 0)),
-            int(n.get("nested_view_tta.vs_image_alone.only_image", 0)),
-            _f(n.get("nested_view_tta.vs_image_alone.p_value"), 4),
-            _f(n.get("nested_view_tta.vs_floor.p_value"), 4),
+            label,
+            f"{_f(n.get(f'{name}.accuracy'))} [{_f(n.get(f'{name}.accuracy_cp_low'))}, "
+            f"{_f(n.get(f'{name}.accuracy_cp_high'))}]",
+            int(n.get(f"{name}.vs_image_alone.only_averaged", 0)),
+            int(n.get(f"{name}.vs_image_alone.only_image", 0)),
+            _f(n.get(f"{name}.vs_image_alone.p_value"), 4),
+            _f(n.get(f"{name}.vs_floor.p_value"), 4),
         ]
         for m in models
-        if m.nested is not None and "nested_view_tta.accuracy" in (n := m.nested.data.metrics)
+        if m.nested is not None
+        for name, label in NESTED_SETS
+        if f"{name}.accuracy" in (n := m.nested.data.metrics)
     ]
-    views_block = (
+    averaged_block = (
         [
             p(
-                "The same outer models, each held-out image predicted as the mean over it and the views its heads "
-                "trained on (evaluation.view_tta), paired with the image alone on every image:"
+                "The same outer models, each held-out image predicted as the mean over copies of it (evaluation.tta: "
+                "random augmented copies; evaluation.view_tta: it and the views its heads trained on), paired with "
+                "the image alone on every image:"
             ),
             table(
                 [
                     "model",
-                    "averaged over training views [exact 95% CI]",
-                    "only views right",
+                    "averaged over",
+                    "accuracy [exact 95% CI]",
+                    "only averaged right",
                     "only image right",
                     "exact McNemar p",
                     "exact McNemar p vs floor",
                 ],
-                viewed,
-                "nested-views",
+                averaged,
+                "nested-averaged",
             ),
         ]
-        if viewed
+        if averaged
         else []
     )
     return [
@@ -215,7 +222,7 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
             rows,
             "nested",
         ),
-        *views_block,
+        *averaged_block,
     ]
 
 
