@@ -182,7 +182,9 @@ class SearchConfig(Strict):
 
 class EvaluationConfig(Strict):
     # Test-time augmentation: the final model's predictions also averaged over this many augmented copies of each
-    # validation and test image (strength `tta_strength`, no flips), logged as their own metric set. 0 = off.
+    # validation and test image (`random_views` at `tta_strength`: rotation, zoom, shift and contrast in one
+    # resampling, drawn from the image's hash; no flips), logged as their own metric set, in the nested estimate
+    # too. 0 = off.
     tta: int = Field(0, ge=0, le=64)
     tta_strength: float = Field(0.5, gt=0, le=1)
     # A head trained on views (training.views) also predicts each validation and test image as the mean over

@@ -167,7 +167,7 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
             label,
             f"{_f(n.get(f'{name}.accuracy'))} [{_f(n.get(f'{name}.accuracy_cp_low'))}, "
             f"{_f(n.get(f'{name}.accuracy_cp_high'))}]",
-            int(n.get(f"{name}.vs_image_alone.only_averaged", 0)),
+            int(n.get(f"{name}.vs_image_alone.only_averaged", n.get(f"{name}.vs_image_alone.only_views", 0))),
             int(n.get(f"{name}.vs_image_alone.only_image", 0)),
             _f(n.get(f"{name}.vs_image_alone.p_value"), 4),
             _f(n.get(f"{name}.vs_floor.p_value"), 4),
