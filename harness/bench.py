@@ -368,7 +368,9 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             else None,
             # the same outer models averaged over copies of each image (evaluation.tta / view_tta)
             "nested_averaged": {
-                label: {k.removeprefix(f"{name}."): v for k, v in m.nested.data.metrics.items() if k.startswith(name)}
+                label: {
+                    k.removeprefix(f"{name}."): v for k, v in m.nested.data.metrics.items() if k.startswith(f"{name}.")
+                }
                 for name, label in NESTED_SETS
                 if f"{name}.accuracy" in m.nested.data.metrics
             }
