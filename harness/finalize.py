@@ -46,12 +46,6 @@ class FinalModel:
     pooling: str
     on_images: bool = False
 
-    def full_models(self, prep: Prepared) -> list[keras.Model]:
-        """Each member as a model of raw images (test-time augmentation runs them one by one)."""
-        if self.on_images:
-            return self.members
-        return [full_model(prep, h, name=f"member{k}") for k, h in enumerate(self.heads)]
-
     def full_model(self, prep: Prepared) -> keras.Model:
         """Raw 0-255 images in, class probabilities out: what is logged, registered and served. Heads on a frozen
         backbone share it: the backbone runs once and its features go to the averaged heads."""
@@ -185,21 +179,29 @@ def view_tta_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray)
     return total / (1 + len(prep.views))
 
 
-def tta_predict(prep: Prepared, models: list[keras.Model], idx: np.ndarray) -> np.ndarray:
-    """Probabilities for images `idx` averaged over the recipe's number of augmented copies of each (and over the
-    models). The copies are `random_views`: rotation, zoom, shift and contrast in one resampling of the raw pixels,
-    drawn from each image's hash (the views `training.views` trains on, when its kind is random). One resampling,
-    not `augmentation()`'s chain of three: bilinear resampling blurs, and Lite0's pooled features feel it (a
-    half-pixel shift alone: cosine 0.95 to the original's; the three kinds at their strength-0.5 extremes composed
-    into one: 0.91, chained: 0.80; 32 challenge images)."""
+def tta_images_predict(prep: Prepared, model: keras.Model, idx: np.ndarray) -> np.ndarray:
+    """A model of raw images: its probabilities for images `idx` averaged over the recipe's number of augmented
+    copies of each. The copies are `random_views`: rotation, zoom, shift and contrast in one resampling of the raw
+    pixels, drawn from each image's hash (the views `training.views` trains on, when its kind is random). One
+    resampling, not `augmentation()`'s chain of three: bilinear resampling blurs, and Lite0's pooled features feel
+    it (a half-pixel shift alone: cosine 0.95 to the original's; the three kinds at their strength-0.5 extremes
+    composed into one: 0.91, chained: 0.80; 32 challenge images)."""
     ev, t = prep.recipe.evaluation, prep.task
     images, sha1s = t.images(idx), [t.sha1s[i] for i in idx]
     total = np.zeros((len(idx), prep.n_classes))
     for _, view in random_views(ev.tta, ev.tta_strength):
-        copies = np.asarray(view(images, view.params(sha1s)))
-        for m in models:
-            total += as_proba(predict(m, copies), prep.n_classes)
-    return total / (ev.tta * len(models))
+        total += as_proba(predict(model, np.asarray(view(images, view.params(sha1s)))), prep.n_classes)
+    return total / ev.tta
+
+
+def tta_predict(prep: Prepared, final: FinalModel, k: int, idx: np.ndarray) -> np.ndarray:
+    """Member k's probabilities for images `idx` averaged over their augmented copies (`tta_images_predict`). A
+    head on a frozen backbone reads the copies' features from the store (`Prepared.tta_views`): they are the same
+    for every member, fold and outer fold, so the backbone does not run again for each."""
+    if final.on_images:
+        return tta_images_predict(prep, final.members[k], idx)
+    views = prep.tta_views
+    return sum(as_proba(predict(final.members[k], v, idx=idx), prep.n_classes) for v in views) / len(views)
 
 
 def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) -> dict:
@@ -209,7 +211,6 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
     t, out, seed = prep.task, {}, prep.recipe.data.seed
     t0 = time.perf_counter()
     tta = prep.recipe.evaluation.tta
-    models = final.full_models(prep) if tta else []
     if tta:
         # Whether the model saw augmented images in training, beside its TTA figures. With the one-resampling
         # copies, TTA no longer needs it: Task 2 Lite0 heads on clean features, 12 copies, out of fold over 215
@@ -235,7 +236,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             out["val"] = log_split_metrics(prep, "val", idx, proba, seed)
             rows += prediction_rows(t, idx, proba, "val")
             if tta:
-                tta_val = np.concatenate([tta_predict(prep, [models[k]], v) for k, v in val])[order]
+                tta_val = np.concatenate([tta_predict(prep, final, k, v) for k, v in val])[order]
                 out["val_tta"] = log_split_metrics(prep, "val_tta", idx, tta_val, seed)
                 rows += prediction_rows(t, idx, tta_val, "val_tta")  # paired with "val": McNemar out of fold
             if view_tta:
@@ -256,7 +257,7 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             mlflow.log_artifact(str(tmp / "confusion_test.png"))
             rows += prediction_rows(t, test, proba, "test")
             if tta:
-                tta_test = tta_predict(prep, models, test)
+                tta_test = ensemble_predict(prep, final, test, tta_predict)
                 out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
                 rows += prediction_rows(t, test, tta_test, "test_tta")
             if view_tta:

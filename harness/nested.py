@@ -42,7 +42,7 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
     # The outer models' averaged predictions (name -> how), each a metric set of its own.
     averaged = {}
     if recipe.evaluation.tta:
-        averaged["nested_tta"] = lambda final, held: tta_predict(prep, final.full_models(prep), held)
+        averaged["nested_tta"] = lambda final, held: ensemble_predict(prep, final, held, tta_predict)
     if recipe.evaluation.view_tta and prep.views is not None:
         averaged["nested_view_tta"] = lambda final, held: ensemble_predict(prep, final, held, view_tta_predict)
     extra = {name: np.zeros_like(proba) for name in averaged}

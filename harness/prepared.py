@@ -42,6 +42,23 @@ class Prepared:
         out.flags.writeable = False
         return out
 
+    @functools.cached_property
+    def tta_views(self) -> np.ndarray:
+        """(V, N, C) pooled vectors of every image in each of `evaluation.tta`'s random copies, from the feature
+        store: a frozen backbone's copies are the same for every member, fold and outer fold, so they are extracted
+        once (and kept), not run through the backbone again for each head."""
+        ev = self.recipe.evaluation
+        vectors, _ = pooled_views(
+            self.task,
+            self.mcfg.backbone,
+            self.backbone,
+            self.weights,
+            self.image_size,
+            self.colour,
+            random_views(ev.tta, ev.tta_strength),
+        )
+        return vectors
+
     @property
     def image_size(self) -> int:
         return self.recipe.image_size_for(self.mcfg)
@@ -105,6 +122,17 @@ class Prepared:
         return (head if self.on_features else full_model(self, head, name)), head
 
 
+def pooled_views(task: TaskData, backbone_name: str, backbone, weights, size: int, colour: str, views):
+    """(V, N, C) pooled vectors of every image of the task in each of `views` ((name, view) pairs), from the
+    feature store, and how many view-images had to be extracted now."""
+    pooled, extracted = [], 0
+    for view in views:
+        vf, vinfo = features_for(task, backbone_name, backbone, weights, size, colour, view)
+        pooled.append(vf.pooled)
+        extracted += vinfo["extracted"]
+    return np.stack(pooled), extracted
+
+
 def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> Prepared:
     t0 = time.perf_counter()
     size = recipe.image_size_for(mcfg)
@@ -119,13 +147,11 @@ def prepare(recipe: Recipe, mcfg: ModelConfig, task: TaskData | None = None) -> 
     views = None
     tcfg = recipe.training_for(mcfg)
     if feats is not None and tcfg.views:
-        t2, pooled, extracted = time.perf_counter(), [], 0
+        t2 = time.perf_counter()
         kind = random_views if tcfg.views_kind == "random" else fixed_views
-        for view in kind(tcfg.views, tcfg.views_strength):
-            vf, vinfo = features_for(task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg), view)
-            pooled.append(vf.pooled)
-            extracted += vinfo["extracted"]
-        views = np.stack(pooled)
+        views, extracted = pooled_views(
+            task, mcfg.backbone, backbone, winfo, size, recipe.colour_for(mcfg), kind(tcfg.views, tcfg.views_strength)
+        )
         info.update(views_extracted=extracted, views_seconds=time.perf_counter() - t2)
     info.update(data_seconds=t1 - t0, prepare_seconds=time.perf_counter() - t0)
     return Prepared(recipe, mcfg, task, backbone, winfo, feats, info, views=views)

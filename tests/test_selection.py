@@ -238,7 +238,7 @@ def test_test_time_augmentation_is_its_own_metric_set_in_the_final_and_the_neste
 
 def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training(tmp_path):
     from harness.evaluate import as_proba
-    from harness.finalize import tta_predict
+    from harness.finalize import tta_images_predict
     from harness.fit import predict
     from harness.models.heads import build_head
     from harness.prepared import full_model, prepare
@@ -250,7 +250,8 @@ def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training
     head = build_head(prep.features.pooled.shape[1:], prep.n_classes, [8], 0.0, "avg")
     idx = prep.task.splits["test"]
     on_views = np.mean([as_proba(predict(head, view[idx]), prep.n_classes) for view in prep.views], axis=0)
-    np.testing.assert_allclose(tta_predict(prep, [full_model(prep, head)], idx), on_views, atol=2e-4)
+    np.testing.assert_allclose(tta_images_predict(prep, full_model(prep, head), idx), on_views, atol=2e-4)
+    np.testing.assert_array_equal(prep.tta_views, prep.views)  # a head's TTA reads the same vectors from the store
 
 
 def test_finetune_with_refit_is_refused_in_one_line(tmp_path):
