@@ -49,7 +49,7 @@ def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     """The same frozen-backbone trial (data, head, epochs) (a) through the backbone every epoch, as the seed did,
     and (b) on cached features. Extraction is timed separately: it is paid once per study, not per trial."""
     from harness.features import extract
-    from harness.fit import fit_on, make_optimizer
+    from harness.fit import Fold, fit_on, optimizer_factory
     from harness.models.backbones import SPECS
     from harness.prepared import prepare
 
@@ -64,15 +64,14 @@ def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     for name, p in (("cached", prep), ("raw", dataclasses.replace(prep, features=None))):
         keras.utils.set_random_seed(0)
         model, _ = p.build(head_cfg)
-        runs[name] = fit_on(
+        (runs[name],) = fit_on(
             p,
-            model,
+            [model],
             head_cfg.pooling,
-            splits["train"],
-            splits["val"],
+            [Fold(splits["train"], splits["val"])],
             epochs,
             tcfg.batch_size,
-            make_optimizer(tcfg.optimizer, tcfg.learning_rate),
+            optimizer_factory(tcfg.optimizer, tcfg.learning_rate),
             seed=0,
         )
     raw, cached = runs["raw"], runs["cached"]
