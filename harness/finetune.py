@@ -96,7 +96,6 @@ class FinetuneHyperModel(kt.HyperModel):
             p.colour,
             p.image_size,
             trainable_backbone=False,
-            augment=float(values["ft_augment"]),
             name=f"member{k}",
         )
         unfreeze_top_blocks(backbone, p.mcfg.backbone, int(values["ft_blocks"]))
@@ -120,6 +119,7 @@ class FinetuneHyperModel(kt.HyperModel):
             seed,
             monitor=monitor,
             restore_best=restore_best,
+            augment=float(hp.values["ft_augment"]),
         )
 
 
@@ -200,6 +200,7 @@ def finetune_stage(
         space.seed,
         monitor=objective if single else None,
         restore_best=single,
+        augment=float(best["ft_augment"]),
     )
     tuned = FinalModel(
         members,
@@ -210,5 +211,6 @@ def finetune_stage(
         final.mode,
         final.pooling,
         on_images=True,
+        augment=float(best["ft_augment"]),
     )
     return tuned, "finetune", {**best, "objective": score}

@@ -150,13 +150,16 @@ def fit_models(
     restore_best: bool = False,
     jit: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    augment: float = 0.0,
 ) -> list[FitResult]:
     """Train model k in place on the images folds[k].train of (x, y) for `epochs`, each epoch in a fresh order
     (seeded per model), validating on folds[k].val after every epoch.
 
     `monitor` (val_loss or val_accuracy) marks each model's best epoch; with `restore_best` the model ends with that
-    epoch's weights. Dropout and augmentation layers run in training mode, BatchNorm inside a frozen or fine-tuned
-    backbone stays in inference mode (`assemble` calls the backbone with training=False).
+    epoch's weights. Dropout runs in training mode, BatchNorm inside a frozen or fine-tuned backbone stays in
+    inference mode (`assemble` calls the backbone with training=False). `augment` > 0 (x are raw images): every
+    training image of every epoch is moved by a transform of its own drawn at that strength (`transform_params`,
+    seeded per model), in one resampling (`random_transform`); validation images are not.
     """
     import tensorflow as tf
 
@@ -185,6 +188,7 @@ def fit_models(
             restore_best,
             jit,
             on_epoch if len(groups) == 1 else None,
+            augment,
         )
         for k, r in zip(members, group):
             results[k] = r
@@ -206,8 +210,11 @@ def _fit_group(
     restore_best,
     jit,
     on_epoch,
+    augment,
 ) -> list[FitResult]:
     import tensorflow as tf
+
+    from harness.models.heads import random_transform, transform_params
 
     t0 = time.perf_counter()
     loss_fn, correct = make_loss(n_classes), count_correct(n_classes == 2)
@@ -219,8 +226,10 @@ def _fit_group(
 
     @tf.function(jit_compile=jit, reduce_retracing=True)
     def step(batches):
+        if augment:
+            batches = [(random_transform(xb, ub), yb, ub) for xb, yb, ub in batches]
         with tf.GradientTape() as tape:
-            outs = [(m(xb, training=True), yb) for m, (xb, yb) in zip(models, batches)]
+            outs = [(m(xb, training=True), yb) for m, (xb, yb, _) in zip(models, batches)]
             losses = [loss_fn(yb, p) for p, yb in outs]
             total = tf.add_n(losses)
         optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
@@ -229,21 +238,27 @@ def _fit_group(
     # The data are arguments, not captured: a function that captures a tensor keeps it alive as long as TensorFlow
     # keeps the function's graph, and that measured ~100 MB per trial that never came back.
     @tf.function
-    def epoch(x_t, y_t, perms):
+    def epoch(x_t, y_t, perms, draws):
         total, right = tf.zeros(len(models)), tf.zeros(len(models))
         for s in tf.range(steps):
             idx = [p[s * batch_size : (s + 1) * batch_size] for p in perms]
-            losses, c = step(tuple((tf.gather(x_t, i), tf.gather(y_t, i)) for i in idx))
+            ub = [d[s * batch_size : (s + 1) * batch_size] for d in draws]
+            losses, c = step(tuple((tf.gather(x_t, i), tf.gather(y_t, i), u) for i, u in zip(idx, ub)))
             total += losses * tf.cast(tf.stack([tf.shape(i)[0] for i in idx]), tf.float32)
             right += c
         return total / sizes, right / sizes
 
-    def streamed_epoch(perms):
+    def streamed_epoch(perms, draws):
         total, right = np.zeros(len(models)), np.zeros(len(models))
         for s in range(steps):
-            idx = [p[s * batch_size : (s + 1) * batch_size] for p in perms]
-            losses, c = step(tuple((tf.constant(rows(x_t, i)), tf.constant(y_t[i])) for i in idx))
-            total += losses.numpy() * np.array([len(i) for i in idx])
+            sl = slice(s * batch_size, (s + 1) * batch_size)
+            losses, c = step(
+                tuple(
+                    (tf.constant(rows(x_t, p[sl])), tf.constant(y_t[p[sl]]), tf.constant(d[sl]))
+                    for p, d in zip(perms, draws)
+                )
+            )
+            total += losses.numpy() * np.array([len(p[sl]) for p in perms])
             right += c.numpy()
         return total / sizes.numpy(), right / sizes.numpy()
 
@@ -251,16 +266,24 @@ def _fit_group(
         make_evaluator(m, x_t, y_t, f.val, n_classes) if f.val is not None else None for m, f in zip(models, folds)
     ]
     rngs = [np.random.default_rng(s) for s in seeds]
+    # The augmentation's draws come from generators of their own, so the epochs' orders are the same with or without.
+    aug_rngs = [np.random.default_rng([s, 1]) for s in seeds]
     histories = [{"loss": [], "accuracy": []} for _ in models]
     epoch_seconds: list[float] = []
     best = [(None, None, None)] * len(models)  # (epoch, value, weights) per model
     for e in range(epochs):
         te = time.perf_counter()
         perms = tuple(f.train[rng.permutation(len(f.train))] for f, rng in zip(folds, rngs))
+        # One transform per training image and epoch (zeros, unread, without augmentation: one signature).
+        draws = tuple(
+            transform_params(r.uniform(-1, 1, (len(p), 5)), augment) if augment else np.zeros((len(p), 5), np.float32)
+            for p, r in zip(perms, aug_rngs)
+        )
         if isinstance(x_t, np.ndarray):
-            loss, acc = streamed_epoch(perms)
+            loss, acc = streamed_epoch(perms, draws)
         else:
-            loss, acc = (t.numpy() for t in epoch(x_t, y_t, tuple(tf.constant(p) for p in perms)))
+            args = tuple(tf.constant(p) for p in perms), tuple(tf.constant(d) for d in draws)
+            loss, acc = (t.numpy() for t in epoch(x_t, y_t, *args))
         logs = [
             {"loss": float(loss[k]), "accuracy": float(acc[k]), **(ev() if ev else {})}
             for k, ev in enumerate(evaluators)
@@ -338,10 +361,14 @@ def fit_on(
     monitor: str | None = None,
     restore_best: bool = False,
     on_epoch=None,
+    augment: float | None = None,
 ) -> list[FitResult]:
     """`fit_models` on a prepared model's images: its cached features (pooled for `avg`, with every view of
     each training image when the recipe asks for views) or the images themselves (no XLA there: compiling a whole
-    backbone costs more than a few epochs on a CPU gain)."""
+    backbone costs more than a few epochs on a CPU gain), moved by the augmentation of strength `augment` (default:
+    the recipe's `training.augment`; cached features are never augmented: `prepare` bypasses the store then)."""
+    if augment is None:
+        augment = 0.0 if prep.on_features else prep.recipe.training_for(prep.mcfg).augment
     x, y = prep.source(pooling), prep.task.y
     if prep.views is not None and prep.on_features and pooling == "avg":
         # Every view of a training image is a training row of its own; validation stays on the originals.
@@ -362,6 +389,7 @@ def fit_on(
         restore_best=restore_best,
         jit=None if prep.on_features else False,
         on_epoch=on_epoch,
+        augment=augment,
     )
 
 

@@ -166,7 +166,6 @@ def full_model(prep: Prepared, head: keras.Model, name: str | None = None) -> ke
         prep.colour,
         prep.image_size,
         trainable_backbone=prep.mcfg.trainable,
-        augment=prep.recipe.training_for(prep.mcfg).augment,
         name=name,
     )
 

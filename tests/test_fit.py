@@ -1,5 +1,6 @@
 """The harness's training loop: K fold models stepped together train as K separate fits would, its optimizers
-update exactly like Keras', and restoring the best epoch restores it. (That a finished fit gives its memory back is
+update exactly like Keras', restoring the best epoch restores it, and training augmentation moves the training
+batches (one resampling per image) but not the validation images. (That a finished fit gives its memory back is
 measured by bench/trial.py, not tested.)"""
 
 import keras
@@ -114,3 +115,64 @@ def test_a_memory_mapped_input_trains_exactly_as_one_in_memory(tmp_path):
     np.testing.assert_allclose(a[0].history["val_loss"], b[0].history["val_loss"], rtol=1e-5)
     for wa, wb in zip(in_memory.get_weights(), streamed.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+def _images(n=24, size=16, seed=0):
+    """Raw 0-255 images with structure (a bright square at a random place) and labels of 3 classes."""
+    rng = np.random.default_rng(seed)
+    x = np.full((n, size, size, 3), 40.0, np.float32)
+    for i, (r, c) in enumerate(rng.integers(2, size - 8, (n, 2))):
+        x[i, r : r + 6, c : c + 6] = 220.0
+    return x, rng.integers(0, 3, n)
+
+
+def _image_model(size=16, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+
+
+def _frozen_fit(x, y, augment, streamed_from=None):
+    """One epoch with a learning rate of 0 on train = validation = every image: the weights never move, so the
+    training loss is the loss on what the training steps saw and val_loss the loss on the images themselves."""
+    model = _image_model()
+    (r,) = fit_models(
+        [model],
+        x if streamed_from is None else np.load(streamed_from, mmap_mode="r"),
+        y,
+        [Fold(np.arange(len(y)), np.arange(len(y)))],
+        3,
+        1,
+        8,
+        optimizer_factory("sgd", 0.0),
+        seed=4,
+        augment=augment,
+    )
+    return r.history
+
+
+def test_augmentation_moves_the_training_batches_and_never_the_validation_images():
+    x, y = _images()
+    plain, moved = _frozen_fit(x, y, 0.0), _frozen_fit(x, y, 1.0)
+    assert plain["loss"][0] == pytest.approx(plain["val_loss"][0], rel=1e-5)  # no augmentation: the same images
+    assert moved["loss"][0] != pytest.approx(moved["val_loss"][0], rel=1e-3)  # the steps saw moved images
+    assert moved["val_loss"][0] == pytest.approx(plain["val_loss"][0], rel=1e-6)  # validation saw the originals
+
+
+def test_training_augmentation_is_one_resampling_of_each_image_drawn_from_the_seeded_stream(tmp_path):
+    """The in-memory and the memory-mapped (batch by batch) paths move every image the same way, and the training
+    loss is the loss on `random_transform` of each image by its draw: one resampling, not a chain of layers."""
+    from harness.fit import make_loss
+    from harness.models.heads import random_transform, transform_params
+
+    x, y = _images()
+    np.save(tmp_path / "x.npy", x)
+    in_memory, streamed = _frozen_fit(x, y, 1.0), _frozen_fit(x, y, 1.0, streamed_from=tmp_path / "x.npy")
+    assert streamed["loss"][0] == pytest.approx(in_memory["loss"][0], rel=1e-5)
+    # The stream: the epoch's order from default_rng(seed), the draws from default_rng([seed, 1]), in that order.
+    order = np.random.default_rng(4).permutation(len(y))
+    params = transform_params(np.random.default_rng([4, 1]).uniform(-1, 1, (len(y), 5)), 1.0)
+    model = _image_model()
+    expected = float(make_loss(3)(y[order], model(np.asarray(random_transform(x[order], params)))))
+    assert in_memory["loss"][0] == pytest.approx(expected, rel=1e-4)

@@ -38,22 +38,50 @@ def build_head(
     return keras.Model(inputs, out, name=name)
 
 
-def augmentation(strength: float) -> keras.Sequential:
-    """Augmentation of strength s in (0, 1], active only in training: rotation up to 10s degrees, zoom up to 10s %,
-    shift up to 5s %, contrast up to 20s %. Never flips: left and right are not interchangeable on a chest X-ray."""
-    return keras.Sequential(
+def transform_params(u: np.ndarray, strength: float) -> np.ndarray:
+    """(N, 5) float32 transforms of strength s in (0, 1] from (N, 5) uniform draws in [-1, 1]: rotation up to 10s
+    degrees (radians), zoom factor up to 10s %, shift x and y up to 5s % of the side, contrast factor up to 20s %.
+    Never flips: left and right are not interchangeable on a chest X-ray. Training augmentation, TTA copies and
+    random views all draw from these ranges."""
+    s, u = strength, np.asarray(u, np.float64)
+    return np.stack(
         [
-            keras.layers.RandomRotation(strength * 10 / 360),
-            keras.layers.RandomZoom(strength * 0.1),
-            keras.layers.RandomTranslation(strength * 0.05, strength * 0.05),
-            keras.layers.RandomContrast(strength * 0.2),
+            np.deg2rad(10 * s * u[:, 0]),
+            1 + 0.1 * s * u[:, 1],
+            0.05 * s * u[:, 2],
+            0.05 * s * u[:, 3],
+            1 + 0.2 * s * u[:, 4],
         ],
-        name="augment",
+        axis=1,
+    ).astype(np.float32)
+
+
+def random_transform(images, params):
+    """Raw 0-255 images (N, H, W, C) moved by their `transform_params` in ONE bilinear resampling (rotation and zoom
+    about the centre, then the shift; borders reflected, as Keras' random layers), contrast scaled about each
+    image's channel means, clipped to 0-255 (before the preprocessing). One resampling, not Keras' chain of
+    RandomRotation, RandomZoom and RandomTranslation: each resampling blurs, and Lite0's pooled features feel it (a
+    half-pixel shift alone: cosine 0.95 to the original's; the three kinds at their strength-0.5 extremes composed
+    into one: 0.91, chained: 0.80; 32 challenge images). Keras ops: runs eagerly and inside a compiled step."""
+    ops = keras.ops
+    x = ops.cast(images, "float32")
+    h, w = x.shape[1], x.shape[2]
+    angle, zoom, tx, ty, contrast = (params[:, i] for i in range(5))
+    cos, sin = ops.cos(angle) / zoom, ops.sin(angle) / zoom
+    # An output pixel p reads the input at c + R(-angle) (p - c - t) / zoom: rotation and zoom about the centre c.
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    ox, oy = cx + tx * w, cy + ty * h
+    zeros = ops.zeros_like(angle)
+    transform = ops.stack(
+        [cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy, zeros, zeros], axis=1
     )
+    x = ops.image.affine_transform(x, transform, interpolation="bilinear", fill_mode="reflect")
+    mean = ops.mean(x, axis=(1, 2), keepdims=True)
+    return ops.clip((x - mean) * contrast[:, None, None, None] + mean, 0.0, 255.0)
 
 
 def fixed_views(copies: int, strength: float) -> list[tuple[str, keras.layers.Layer]]:
-    """`copies` (name, layer) deterministic transforms of the kinds `augmentation(strength)` draws from, the same
+    """`copies` (name, layer) deterministic transforms of the kinds `transform_params` draws from, the same
     for every image: rotation by +/-10s degrees, zoom in and out by 10s %, a shift by +/-5s % both ways; copies past
     six repeat them twice, three times... as far. Built-in random layers with a one-point range: call them with
     training=True, directly (an enclosing model called in inference mode would switch them off). The name says the
@@ -88,43 +116,17 @@ class RandomView:
         return f"random{self.k}-s{self.strength:g}-v1"  # v1: the draw below; a new draw needs a new name
 
     def params(self, sha1s) -> np.ndarray:
-        """(N, 5) float32: rotation (radians), zoom factor, shift x and y (fractions of the side), contrast factor;
-        uniform on `augmentation(strength)`'s ranges."""
-        s, out = self.strength, np.empty((len(sha1s), 5), np.float32)
-        for i, sha1 in enumerate(sha1s):
-            u = np.random.default_rng([int(sha1[:15], 16), self.k]).uniform(-1, 1, 5)
-            out[i] = [
-                np.deg2rad(10 * s * u[0]),
-                1 + 0.1 * s * u[1],
-                0.05 * s * u[2],
-                0.05 * s * u[3],
-                1 + 0.2 * s * u[4],
-            ]
-        return out
+        """(N, 5) `transform_params` of the images with these hashes: each drawn from the hash and k alone."""
+        u = [np.random.default_rng([int(sha1[:15], 16), self.k]).uniform(-1, 1, 5) for sha1 in sha1s]
+        return transform_params(np.reshape(u, (len(sha1s), 5)), self.strength)
 
     def __call__(self, images, params):
-        """Raw 0-255 images (N, H, W, C) moved by their `params`, bilinear, borders reflected (as Keras' random
-        layers), contrast scaled about each image's channel means, clipped to 0-255 (before the preprocessing)."""
-        ops = keras.ops
-        x = ops.cast(images, "float32")
-        h, w = x.shape[1], x.shape[2]
-        angle, zoom, tx, ty, contrast = (params[:, i] for i in range(5))
-        cos, sin = ops.cos(angle) / zoom, ops.sin(angle) / zoom
-        # An output pixel p reads the input at c + R(-angle) (p - c - t) / zoom: rotation and zoom about the centre c.
-        cx, cy = (w - 1) / 2, (h - 1) / 2
-        ox, oy = cx + tx * w, cy + ty * h
-        zeros = ops.zeros_like(angle)
-        transform = ops.stack(
-            [cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy, zeros, zeros], axis=1
-        )
-        x = ops.image.affine_transform(x, transform, interpolation="bilinear", fill_mode="reflect")
-        mean = ops.mean(x, axis=(1, 2), keepdims=True)
-        return ops.clip((x - mean) * contrast[:, None, None, None] + mean, 0.0, 255.0)
+        return random_transform(images, params)
 
 
 def random_views(copies: int, strength: float) -> list[tuple[str, RandomView]]:
     """`copies` (name, view) views in which every image has transforms of its own, drawn on all of
-    `augmentation(strength)`'s kinds at once (rotation, zoom, shift, contrast), where `fixed_views` moves every image
+    `transform_params`' kinds at once (rotation, zoom, shift, contrast), where `fixed_views` moves every image
     the same way, one kind at a time."""
     return [(v.name, v) for v in (RandomView(k, strength) for k in range(copies))]
 
@@ -136,15 +138,14 @@ def assemble(
     colour: str,
     image_size: int,
     trainable_backbone: bool,
-    augment: float = 0.0,
     name: str | None = None,
 ) -> keras.Model:
-    """Raw 0-255 RGB images -> (augmentation) -> colour policy and preprocessing -> backbone -> head: one model
-    logged and reloaded, built-in layers only."""
+    """Raw 0-255 RGB images -> colour policy and preprocessing -> backbone -> head: one model logged and reloaded,
+    built-in layers only. Training augmentation is not in it: the fit moves the training batches
+    (`random_transform`), so the served model is the same with or without it."""
     backbone.trainable = trainable_backbone
     inputs = keras.Input(shape=(image_size, image_size, 3), name=f"{name}_image" if name else "image")
-    x = augmentation(augment)(inputs) if augment > 0 else inputs
-    x = preprocessing(preprocess, colour)(x)
+    x = preprocessing(preprocess, colour)(inputs)
     # training=False keeps BatchNorm in inference mode, frozen or fine-tuned (Keras transfer-learning guide):
     # on a few hundred images, updating BatchNorm statistics wrecks the pretrained features.
     x = backbone(x, training=False)
