@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -49,13 +50,21 @@ def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _owner() -> dict[str, str]:
+    """Which process runs a run: a run left RUNNING by a process that no longer exists can then be told apart from
+    one in progress (`end_orphans`)."""
+    return {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
+
+
 @contextlib.contextmanager
 def run(name: str, nested: bool = False, run_id: str | None = None, tags: dict | None = None) -> Iterator:
-    """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C / SIGTERM), never left RUNNING."""
+    """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C / SIGTERM), never left RUNNING; tagged with
+    its process (a resumed run with the resuming one)."""
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # only the main thread may install handlers
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested, tags=tags)
+    mlflow.set_tags(_owner())
     try:
         yield active
     except KeyboardInterrupt:
@@ -71,6 +80,31 @@ def run(name: str, nested: bool = False, run_id: str | None = None, tags: dict |
     finally:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def end_orphans(experiment_id: str, kind: str) -> int:
+    """Top-level runs of `kind` left RUNNING by a process of this host that no longer runs (kill -9, a lost
+    machine) become KILLED; runs of live processes, of other hosts or without an owner tag are left alone."""
+    c, n, host = client(), 0, socket.gethostname()
+    for r in c.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`harness.kind` = '{kind}'"
+    ):
+        t = r.data.tags
+        if t.get("harness.host") == host and t.get("harness.pid", "").isdigit() and not _alive(int(t["harness.pid"])):
+            c.set_terminated(r.info.run_id, "KILLED")
+            c.set_tag(r.info.run_id, "error", f"its process (pid {t['harness.pid']}) ended without ending the run")
+            n += 1
+    return n
 
 
 def _cpu_model() -> str:

@@ -235,3 +235,30 @@ def test_ui_serves_the_store_and_prints_the_experiment_url(study, tmp_path):
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_compare_ends_the_compare_runs_of_killed_processes_and_leaves_live_ones_running(study, tmp_path):
+    """A compare killed with -9 (no chance to end its run) left its run RUNNING; the next compare of the study marks
+    it KILLED, while a compare in progress in a live process (this one) stays RUNNING."""
+    import os
+    import socket
+
+    client = study["client"]
+    exp = client.get_experiment_by_name("tiny")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended
+    tags = {"harness.kind": "compare", "study": "tiny", "harness.host": socket.gethostname()}
+    orphan = client.create_run(exp.experiment_id, tags={**tags, "harness.pid": str(gone.pid)}).info.run_id
+    live = client.create_run(exp.experiment_id, tags={**tags, "harness.pid": str(os.getpid())}).info.run_id
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    try:
+        res = CliRunner().invoke(app, ["compare", "tiny", "--out", str(tmp_path / "report")])
+        assert res.exit_code == 0, res.output
+        assert client.get_run(orphan).info.status == "KILLED"
+        assert client.get_run(live).info.status == "RUNNING"
+        (new,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in before]
+        assert new.info.status == "FINISHED" and new.data.tags["harness.pid"] == str(os.getpid())
+    finally:  # the module's other tests count one compare run
+        for run_id in {orphan, live} | {r.info.run_id for r in client.search_runs([exp.experiment_id])} - before:
+            client.delete_run(run_id)

@@ -734,6 +734,8 @@ def compare(study: str, out: Path | None = None, expected: list[str] | None = No
     tracking.setup(study)
     out = (out or get_paths().reports / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if n := tracking.end_orphans(mlflow.get_experiment_by_name(study).experiment_id, "compare"):
+        log.warning("Study %s: %d earlier compare run(s) whose process was killed marked KILLED", study, n)
     with tracking.run(f"compare {study}", tags={"harness.kind": "compare", "study": study}):
         data.champions = crown_champions(study, [m.run for m in data.models])
         mlflow.set_tags(
