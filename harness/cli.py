@@ -297,8 +297,7 @@ def server(
 ):
     """An MLflow tracking server for the harness: one store for several people, chiefs and workers. Point them at
     it with MLFLOW_TRACKING_URI=http://HOST:PORT."""
-    import subprocess
-
+    from harness.pipeline import serve
     from harness.pipeline import server as server_cmd
 
     cmd = server_cmd(host, port, backend_store_uri, artifacts_destination, auth, allowed_hosts)
@@ -315,7 +314,7 @@ def server(
         highlight=False,
         soft_wrap=True,
     )
-    code = subprocess.run(cmd).returncode
+    code = serve(cmd)
     if code:
         raise HarnessError(f"the MLflow server ended with exit code {code} (its messages are above)")
 

@@ -1,7 +1,10 @@
-"""Whole-study actions that chain the stages: `demo` (recipe -> search -> report) and the `ui` launcher."""
+"""Whole-study actions that chain the stages: `demo` (recipe -> search -> report), and the `server` and `ui`
+launchers (MLflow's servers run as child processes that end with the launcher)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +88,7 @@ def ui(port: int = 5000) -> None:
         from harness.errors import HarnessError
 
         raise HarnessError(f"the store is the tracking server at {p.tracking_uri}: open it in a browser, it is the UI")
-    subprocess.run(
+    serve(
         [
             sys.executable,
             "-m",
@@ -101,3 +104,37 @@ def ui(port: int = 5000) -> None:
             str(port),
         ]
     )
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def serve(cmd: list[str], grace_s: float = 15.0) -> int:
+    """Run a server command until it ends and return its exit code; on Ctrl-C or SIGTERM stop it with every
+    process it started (0). `mlflow server` runs uvicorn and a job runner as processes of their own, and a SIGTERM
+    to the launcher alone used to leave all of them serving the port. The child stays in the launcher's process
+    group, so a kill of the group (kill -9 included) still reaches the whole tree."""
+    import psutil
+
+    proc = subprocess.Popen(cmd)
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # only the main thread may install handlers
+        signal.signal(signal.SIGTERM, _stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(psutil.Error):
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    p.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=grace_s)
+            for p in alive:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        proc.wait()
+        return 0
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)

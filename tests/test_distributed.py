@@ -4,6 +4,7 @@ and resumed finishes it, handing no trial out twice; a worker's call in flight w
 restarted chief; and a search on a real PostgreSQL store behind `harness server`. Every search ends with one
 FINISHED run per trial and nothing RUNNING."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -333,3 +334,38 @@ def test_a_two_worker_search_on_postgresql_behind_harness_server(tmp_path, harne
         assert version.run_id == final.info.run_id
     finally:
         _kill(server)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_stopping_harness_server_stops_every_process_it_started_and_frees_the_port(tmp_path, how):
+    """`mlflow server` runs uvicorn and a job runner as processes of their own: a signal to `harness server` (kill,
+    Ctrl-C) must end all of them, not leave them serving the store."""
+    import psutil
+
+    port, started = _port(), []
+    server = _spawn(["server", "--port", str(port)], tmp_path / "home")
+    try:
+        _wait(lambda: _answers(f"http://127.0.0.1:{port}/health"), [server], timeout=120)
+        started = psutil.Process(server.pid).children(recursive=True)
+        assert any("mlflow" in " ".join(p.cmdline()) for p in started)
+        os.kill(server.pid, getattr(signal, how))  # the launcher alone, as `kill PID` or a terminal's Ctrl-C would
+        assert server.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections may linger; no listener
+            s.bind(("127.0.0.1", port))
+            s.listen()
+    finally:
+        _kill(server)
+        for p in started:  # the group kill above reaches them, unless one moved out of the group
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def _answers(url: str) -> bool:
+    try:  # loopback only: the server this test started
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
