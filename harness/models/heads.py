@@ -1,4 +1,5 @@
-"""Head factory (Flatten or global average pooling, dense layers with dropout, sigmoid/softmax) and assembly.
+"""Head factory (Flatten or global average pooling, dense layers with dropout, sigmoid/softmax), assembly, and the
+image transforms the harness augments with (training batches, TTA copies, fixed and random views).
 
 An `avg` head is built on pooled vectors (the harness trains it on cached pooled features) and `assemble` puts the
 global average pooling between backbone and head; a `flatten` head takes the backbone's maps itself.
