@@ -8,6 +8,7 @@ run left RUNNING, the same test metrics. Prints kills survived, trials lost, tri
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,10 @@ PHASES = {
 }
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def study(recipe: Path, home: Path, cache: Path, kill_at: tuple[str, int, float] | None) -> tuple[bool, float]:
     """Run `harness study RECIPE --resume` until it ends or, with kill_at = (phase, n, delay), until `delay` seconds
     after the n-th start of that phase, when it is killed with SIGKILL. Returns (killed, seconds)."""
@@ -44,16 +49,22 @@ def study(recipe: Path, home: Path, cache: Path, kill_at: tuple[str, int, float]
         start_new_session=True,
     )
     seen, lines = 0, []
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_at and PHASES[kill_at[0]] in line:
-            seen += 1
-            if seen == kill_at[1]:
-                time.sleep(kill_at[2])
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return True, time.time() - t0
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if kill_at and PHASES[kill_at[0]] in line:
+                seen += 1
+                if seen == kill_at[1]:
+                    time.sleep(kill_at[2])
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        return True, time.time() - t0
+    except BaseException:  # the bench stopped (Ctrl-C, SIGTERM, a timeout): the study in its own session stops too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"the study failed (exit {proc.returncode}) in {home}:\n{''.join(lines[-40:])}")
@@ -123,6 +134,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="keep the two stores in this folder")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # so `timeout` or `kill` reach the finally that stops the study
     rng = random.Random(a.seed)
     # The phases in the order a study meets them (each resumed run goes on from where the last was killed), the
     # report last; each kill at a random start of its phase and a random delay into it.
@@ -164,4 +176,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("fault benchmark stopped; the study it was running was stopped with it")
