@@ -125,7 +125,8 @@ def serve(cmd: list[str], grace_s: float = 15.0) -> int:
         return proc.wait()
     except KeyboardInterrupt:
         with contextlib.suppress(psutil.Error):
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            root = psutil.Process(proc.pid)
+            tree = [root, *root.children(recursive=True)]
             for p in tree:
                 with contextlib.suppress(psutil.Error):
                     p.terminate()

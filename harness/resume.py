@@ -90,7 +90,7 @@ class StudyLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                if holder and holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
                     log.warning(
                         "study '%s': taking over the lock of pid %s, which is no longer running",
                         self.study,
@@ -126,7 +126,8 @@ class StudyLock:
             self.held = False
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs under `pid` (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -21,6 +21,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from harness.paths import get_paths
+from harness.resume import pid_alive
 
 
 def setup(study: str) -> str:
@@ -63,8 +64,9 @@ def run(name: str, nested: bool = False, run_id: str | None = None, tags: dict |
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # only the main thread may install handlers
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    # A resumed run gets the tags too (MLflow sets them on it): its owner is now this process.
+    tags = {**(tags or {}), **_owner()}
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested, tags=tags)
-    mlflow.set_tags(_owner())
     try:
         yield active
     except KeyboardInterrupt:
@@ -82,25 +84,19 @@ def run(name: str, nested: bool = False, run_id: str | None = None, tags: dict |
             signal.signal(signal.SIGTERM, previous)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def end_orphans(experiment_id: str, kind: str) -> int:
-    """Top-level runs of `kind` left RUNNING by a process of this host that no longer runs (kill -9, a lost
-    machine) become KILLED; runs of live processes, of other hosts or without an owner tag are left alone."""
+    """Runs of `kind` left RUNNING by a process of this host that no longer runs (kill -9) become KILLED; runs of
+    live processes, of other hosts or without an owner tag are left alone."""
     c, n, host = client(), 0, socket.gethostname()
     for r in c.search_runs(
         [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`harness.kind` = '{kind}'"
     ):
         t = r.data.tags
-        if t.get("harness.host") == host and t.get("harness.pid", "").isdigit() and not _alive(int(t["harness.pid"])):
+        if (
+            t.get("harness.host") == host
+            and t.get("harness.pid", "").isdigit()
+            and not pid_alive(int(t["harness.pid"]))
+        ):
             c.set_terminated(r.info.run_id, "KILLED")
             c.set_tag(r.info.run_id, "error", f"its process (pid {t['harness.pid']}) ended without ending the run")
             n += 1
