@@ -5,6 +5,7 @@ reaches for ImageNet downloads on the network."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,4 +98,7 @@ def spawn_cli(args, home: Path, uri: str | None = None) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &`, CI) inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler in the child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
