@@ -365,6 +365,14 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             }
             if m.nested
             else None,
+            # the same outer models before their fine-tuning stage (search.nested_finetune)
+            "nested_head": {
+                k.removeprefix("nested_head."): v
+                for k, v in m.nested.data.metrics.items()
+                if k.startswith("nested_head.")
+            }
+            if m.nested and "nested_head.accuracy" in m.nested.data.metrics
+            else None,
             # the same outer models averaged over copies of each image (evaluation.tta / view_tta)
             "nested_averaged": {
                 label: {
@@ -442,6 +450,7 @@ def selection_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int 
             "cv_winner": {"model": wc, **out["cv"]["per_model"][wc]},
             "finetuned_winner": {"model": wc, **f},
             "nested": f.get("nested"),
+            "nested_head": f.get("nested_head"),
             "nested_averaged": f.get("nested_averaged"),
         }
     return {
@@ -542,6 +551,15 @@ def main_selection(recipe_path: Path, only: list[str] | None, max_trials: int | 
                     f"{n['accuracy']:.3f} [{n['accuracy_cp_low']:.3f}, "
                     f"{n['accuracy_cp_high']:.3f}] (n={int(n['n'])}); floor {n['floor.accuracy']:.3f}, "
                     f"McNemar p {n['vs_floor.p_value']:.3f}",
+                )
+            )
+        if h := t.get("nested_head"):
+            rows.append(
+                (
+                    f"nested CV before the fine-tuning stage (chosen in {int(n['finetune.outer_chosen'])} outer folds)",
+                    f"{h['accuracy']:.3f} [{h['accuracy_cp_low']:.3f}, {h['accuracy_cp_high']:.3f}]; McNemar p "
+                    f"{n['vs_head.p_value']:.3f} vs with it ({int(n['vs_head.only_finetuned'])} images only with it "
+                    f"right, {int(n['vs_head.only_head'])} only before it)",
                 )
             )
         for label, a in (t.get("nested_averaged") or {}).items():

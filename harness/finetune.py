@@ -136,12 +136,15 @@ def finetune_stage(
     cfg: FinetuneSearch,
     tcfg: TrainingConfig,
     folds: list[Fold],
-    parent_run_id: str,
+    parent_run_id: str | None,
     project_dir,
     resume: bool,
+    prefix: str = "finetune",
 ) -> tuple[FinalModel, str, dict]:
     """Search fine-tuning from `final`'s heads; return (the final model, "finetune" or "head", the chosen stage-2
-    hyperparameters with their objective, empty when head-only stays)."""
+    hyperparameters with their objective, empty when head-only stays). Its figures go to the active run under
+    `prefix` (the nested estimate runs one stage per outer fold in one run); `parent_run_id` None: trials
+    untracked."""
     space = prep.recipe.search
     objective = space.objective
     start = start_objective(prep, final, objective)
@@ -173,12 +176,12 @@ def finetune_stage(
     better = score < start if objective.endswith("loss") else score > start
     mlflow.log_metrics(
         {
-            f"finetune.start_{objective}": start,
-            f"finetune.best_{objective}": score,
-            "finetune.trials": len(tuner.oracle.trials),
+            f"{prefix}.start_{objective}": start,
+            f"{prefix}.best_{objective}": score,
+            f"{prefix}.trials": len(tuner.oracle.trials),
         }
     )
-    mlflow.set_tag("finetune.chosen", str(better).lower())
+    mlflow.set_tag(f"{prefix}.chosen", str(better).lower())
     if not better:
         log.info(
             "Fine-tuning did not beat the head-only model (%.4f vs %.4f): the final model stays head-only", score, start

@@ -3,7 +3,9 @@ is on one test split. The search and the final fit are repeated in an outer K-fo
 test split is never read); every image of train+validation is predicted once, by the model chosen without it. The
 floor is fitted on the same outer folds, so the two are paired on every one of those images.
 
-The fine-tuning stage is not repeated inside (its cost times K); the estimate is the head search's. With
+With a fine-tuning stage (and `search.nested_finetune`, the default) every outer fold runs it too, from its own
+best heads on its own inner folds, so the estimate covers the procedure that makes the final model; the same outer
+folds' head-only models are kept as `nested_head.*`, paired with it on every image: does the stage help. With
 `evaluation.tta` / `evaluation.view_tta` the same outer models also predict each held-out image averaged over its
 random augmented copies (`nested_tta.*`) / its training views (`nested_view_tta.*`): more estimates at no extra
 training, each paired with the image alone and with the floor on every image.
@@ -22,6 +24,7 @@ from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.evaluate import log_predictions, mcnemar, metrics, prediction_rows
 from harness.finalize import ensemble_predict, fit_best, tta_predict, view_tta_predict
+from harness.finetune import finetune_stage
 from harness.prepared import Prepared
 from harness.search import HeadHyperModel, best_of, make_tuner, run_search, search_folds
 
@@ -32,6 +35,7 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
     recipe, mcfg, t = prep.recipe, prep.mcfg, prep.task
     space, tcfg = recipe.search, recipe.training_for(mcfg)
     mode = "single" if space.cv_folds == 1 else space.final
+    ft_cfg = recipe.finetune_for(mcfg) if space.nested_finetune else None
     pool = t.pool()
     try:
         outer = cv_folds(pool, t.y, t.groups, k_outer, space.seed + 1)
@@ -46,6 +50,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
     if recipe.evaluation.view_tta and prep.views is not None:
         averaged["nested_view_tta"] = lambda final, held: ensemble_predict(prep, final, held, view_tta_predict)
     extra = {name: np.zeros_like(proba) for name in averaged}
+    head = np.zeros_like(proba) if ft_cfg is not None else None  # the outer models before their fine-tuning stage
+    stages = []
     with tracking.run(
         f"nested-cv {mcfg.key}",
         nested=True,
@@ -54,15 +60,17 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
         mlflow.log_params(
             {
                 "nested.outer_folds": len(outer),
-                "nested.inner": f"{space.cv_folds} fold(s), {space.max_trials} trials, final {mode}",
+                "nested.inner": f"{space.cv_folds} fold(s), {space.max_trials} trials, final {mode}"
+                + (f", fine-tuning stage of up to {ft_cfg.max_trials} trials" if ft_cfg is not None else ""),
             }
         )
         for o, (inner_pool, held) in enumerate(outer):
             inner = search_folds(prep, space.cv_folds, space.seed + o, pool=inner_pool)
+            outer_dir = project_dir.with_name(f"{project_dir.name}-nested{o}")
             tuner = make_tuner(
                 HeadHyperModel(prep, space),
                 space,
-                project_dir.with_name(f"{project_dir.name}-nested{o}"),
+                outer_dir,
                 resume,
                 None,
                 tcfg.epochs,
@@ -73,6 +81,12 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             found = best_of(tuner, mcfg.key)
             best, score = found.values, found.score
             final = fit_best(prep, found, space, tcfg, inner, mode, refit_pool=inner_pool)
+            if ft_cfg is not None:
+                head[held] = ensemble_predict(prep, final, held)
+                final, stage, _ = finetune_stage(
+                    prep, final, ft_cfg, tcfg, inner, None, outer_dir, resume, prefix=f"outer{o}.finetune"
+                )
+                stages.append(stage)
             proba[held] = ensemble_predict(prep, final, held)
             for name, predict_held in averaged.items():
                 extra[name][held] = predict_held(final, held)
@@ -104,6 +118,29 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             }
         )
         rows = prediction_rows(t, pool, proba[pool], "nested") + prediction_rows(t, pool, floor[pool], "nested_floor")
+        if head is not None:
+            hm = metrics(t.y[pool], head[pool], t.classes, seed=recipe.data.seed)
+            vs_head = mcnemar(proba[pool].argmax(1) == t.y[pool], head[pool].argmax(1) == t.y[pool])
+            mlflow.log_metrics(
+                {
+                    **{f"nested_head.{k}": v for k, v in hm.items() if np.isfinite(v)},
+                    "nested.finetune.outer_chosen": stages.count("finetune"),
+                    "nested.vs_head.p_value": vs_head["p_value"],
+                    "nested.vs_head.only_finetuned": vs_head["a_only"],
+                    "nested.vs_head.only_head": vs_head["b_only"],
+                }
+            )
+            rows += prediction_rows(t, pool, head[pool], "nested_head")
+            log.info(
+                "nested %s: the fine-tuning stage chosen in %d of %d outer folds; %.3f with it against %.3f before it "
+                "(exact McNemar p %.3f)",
+                mcfg.key,
+                stages.count("finetune"),
+                len(outer),
+                m["accuracy"],
+                hm["accuracy"],
+                vs_head["p_value"],
+            )
         for name, averaged_proba in extra.items():
             vm = metrics(t.y[pool], averaged_proba[pool], t.classes, seed=recipe.data.seed)
             right = averaged_proba[pool].argmax(1) == t.y[pool]

@@ -170,6 +170,10 @@ class SearchConfig(Strict):
     # K >= 2: the whole head search is repeated in an outer K-fold loop over train+validation, and the outer folds'
     # accuracy estimates how good this procedure is (the test split is not used). 0 = off.
     nested_cv: int = Field(0, ge=0, le=20)
+    # With a fine-tuning stage, the nested estimate repeats it too, inside every outer fold (K times its cost), so
+    # it estimates the procedure that makes the final model and says, paired on the same images, whether the stage
+    # helps; false estimates the head search alone.
+    nested_finetune: bool = True
     finetune: FinetuneSearch | None = None
 
     @field_validator("nested_cv")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -208,6 +209,50 @@ def test_finetune_stage_searches_from_the_best_head_within_its_budget(tmp_path, 
     assert chosen == (pm["finetune.best_val_loss"] < pm["finetune.start_val_loss"])
     assert final.data.tags["final.stage"] == ("finetune" if chosen else "head")
     assert final.data.metrics["test_reads"] == 1
+
+
+@pytest.mark.slow
+def test_nested_estimate_repeats_the_finetune_stage_in_every_outer_fold_paired_with_its_heads(tmp_path, mlflow_client):
+    finetune = {"blocks": [1], "learning_rate": [1e-3], "augment": [0.0], "epochs": 1, "max_trials": 1}
+    over = {
+        "search.cv_folds": 2,
+        "search.nested_cv": 2,
+        "search.max_trials": 1,
+        "training.epochs": 2,
+        "search.finetune": finetune,
+    }
+    path = write_recipe(tmp_path / "r.yaml", **over)
+    _tune(path)
+    (nested,) = _runs(mlflow_client, "nested")
+    n, tags = nested.data.metrics, nested.data.tags
+    assert n["outer0.finetune.trials"] == n["outer1.finetune.trials"] == 1  # the stage ran in each outer fold
+    chosen = [tags[f"outer{o}.finetune.chosen"] == "true" for o in range(2)]
+    for o in range(2):
+        better = n[f"outer{o}.finetune.best_val_loss"] < n[f"outer{o}.finetune.start_val_loss"]
+        assert chosen[o] == better
+    assert n["nested.finetune.outer_chosen"] == sum(chosen)
+    preds = pd.read_csv(
+        mlflow_client.download_artifacts(nested.info.run_id, "nested_predictions.csv.gz", str(tmp_path))
+    )
+    after = preds[preds.split == "nested"].set_index("file").sort_index()
+    before = preds[preds.split == "nested_head"].set_index("file").sort_index()
+    assert list(before.index) == list(after.index) and n["nested_head.n"] == n["nested.n"] == len(after)
+    # Head-only outer models predict the same with and without the stage; a fine-tuned one does not.
+    probabilities = [c for c in after.columns if c.startswith("p.")]
+    assert any(chosen) == (not np.allclose(after[probabilities], before[probabilities]))
+    right, right_before = after.pred == after.true, before.pred == before.true
+    assert n["nested.vs_head.only_finetuned"] == (right & ~right_before).sum()
+    assert n["nested.vs_head.only_head"] == (~right & right_before).sum()
+    assert n["nested.accuracy"] == pytest.approx(right.mean()) and n["nested_head.accuracy"] == pytest.approx(
+        right_before.mean()
+    )
+    # The inner stages are untracked: the one fine-tuning trial run is the main search's.
+    assert len([t for t in _runs(mlflow_client, "trial") if t.data.tags.get("stage") == "finetune"]) == 1
+    res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    section = (tmp_path / "report" / "report.md").read_text().split("## How good is the procedure")[1].split("\n## ")[0]
+    (row,) = [ln for ln in section.splitlines() if ln.startswith(f"| task2-efficientnet_lite0 | {sum(chosen)} of 2 |")]
+    assert f"| {n['nested_head.accuracy']:.3f} [" in row and f"| {n['nested.accuracy']:.3f} [" in row
 
 
 @pytest.mark.slow

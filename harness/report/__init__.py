@@ -177,6 +177,46 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         for name, label in NESTED_SETS
         if f"{name}.accuracy" in (n := m.nested.data.metrics)
     ]
+    # The fine-tuning stage repeated in every outer fold: the same outer folds before and after it, paired.
+    tuned = [
+        [
+            m.key,
+            f"{int(n.get('nested.finetune.outer_chosen', 0))} of {m.nested.data.params.get('nested.outer_folds', '?')}",
+            f"{_f(n.get('nested_head.accuracy'))} [{_f(n.get('nested_head.accuracy_cp_low'))}, "
+            f"{_f(n.get('nested_head.accuracy_cp_high'))}]",
+            f"{_f(n.get('nested.accuracy'))} [{_f(n.get('nested.accuracy_cp_low'))}, "
+            f"{_f(n.get('nested.accuracy_cp_high'))}]",
+            int(n.get("nested.vs_head.only_finetuned", 0)),
+            int(n.get("nested.vs_head.only_head", 0)),
+            _f(n.get("nested.vs_head.p_value"), 4),
+        ]
+        for m in models
+        if m.nested is not None and "nested_head.accuracy" in (n := m.nested.data.metrics)
+    ]
+    tuned_block = (
+        [
+            p(
+                "The fine-tuning stage ran inside every outer fold as well (search.nested_finetune), so the estimate "
+                "above covers it; its outer models before the stage, paired with the same models after it on every "
+                "image, say whether the stage helps the procedure:"
+            ),
+            table(
+                [
+                    "model",
+                    "outer folds that chose fine-tuning",
+                    "before the stage [exact 95% CI]",
+                    "with the stage [exact 95% CI]",
+                    "only with the stage right",
+                    "only before it right",
+                    "exact McNemar p",
+                ],
+                tuned,
+                "nested-finetune",
+            ),
+        ]
+        if tuned
+        else []
+    )
     averaged_block = (
         [
             p(
@@ -205,8 +245,9 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         h("How good is the procedure: nested cross-validation", 2),
         p(
             "The test accuracy is one model on one test split; the nested estimate repeats the whole head search and "
-            "final fit in an outer loop over train+validation, so each of its images is predicted by a model chosen "
-            "without it: it says how well this procedure does on new images of this data, not how good one model is."
+            "final fit (and the fine-tuning stage, where it ran inside) in an outer loop over train+validation, so "
+            "each of its images is predicted by a model chosen without it: it says how well this procedure does on "
+            "new images of this data, not how good one model is."
         ),
         table(
             [
@@ -222,6 +263,7 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
             rows,
             "nested",
         ),
+        *tuned_block,
         *averaged_block,
     ]
 
