@@ -8,6 +8,7 @@ is absent.
     python bench/readouts.py --model task2-efficientnet_lite1 --repeats 5
     python bench/readouts.py --augment 6          # + the top average trained on / TTA over 6 augmented copies
     python bench/readouts.py --augment 6 --fixed  # the same, 6 fixed views (the same transforms for every image)
+    python bench/readouts.py --also task2-efficientnet_lite1 --also task2-efficientnet_lite2  # backbones together
     python bench/readouts.py --recipe recipes/demo.yaml --model task1-efficientnet_lite0 --repeats 1 --c 0.1
 """
 
@@ -33,6 +34,13 @@ if __name__ == "__main__":
         "--strength", type=float, default=0.5, help="their augmentation strength (as the fine-tuning stage)"
     )
     ap.add_argument("--fixed", action="store_true", help="the same transforms for every image, not random copies")
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="another model of the task (repeatable): its backbone's top "
+        "average concatenated with this one's, and its probe averaged with this one's",
+    )
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
     setup_logging(logging.INFO)
@@ -46,7 +54,9 @@ if __name__ == "__main__":
             print(f"skipped: no data at {data_root(recipe)} (pass --data-root)")
             sys.exit(0)
         print_readouts(
-            readout_benchmark(recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed)
+            readout_benchmark(
+                recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed, a.also
+            )
         )
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)

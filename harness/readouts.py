@@ -117,10 +117,12 @@ def probe(
     copies: np.ndarray | None = None,
     train_on_copies: bool = False,
     tta: bool = False,
+    ensemble: list[np.ndarray] = (),
 ) -> dict:
     """Mean accuracy and log loss of the floor's probe (C = `c`) over `repeats` different 5-fold grouped splits.
     With `copies` (augmented versions of x's rows): train on the originals and every copy (`train_on_copies`), and/or
-    predict each validation image as the mean over its original and copies (`tta`)."""
+    predict each validation image as the mean over its original and copies (`tta`). With `ensemble` (other readouts
+    of the same images, e.g. other backbones'): one probe more on each, their probabilities averaged with x's."""
     acc, loss = [], []
     rows = np.arange(len(y))
     views = [x] if copies is None else [x, *copies]
@@ -131,9 +133,30 @@ def probe(
                 np.concatenate([v[tr] for v in fit_views]), np.tile(y[tr], len(fit_views))
             )
             p = np.mean([model.predict_proba(v[va]) for v in (views if tta else [x])], axis=0)
+            if len(ensemble):
+                others = [
+                    make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+                    .fit(o[tr], y[tr])
+                    .predict_proba(o[va])
+                    for o in ensemble
+                ]
+                p = np.mean([p, *others], axis=0)
             acc.append(float((p.argmax(1) == y[va]).mean()))
             loss.append(float(log_loss(y[va], p, labels=np.arange(p.shape[1]))))
     return {"accuracy": float(np.mean(acc)), "accuracy_sd": float(np.std(acc)), "log_loss": float(np.mean(loss))}
+
+
+def top_average(recipe: Recipe, task_name: str, key: str, files: list) -> np.ndarray:
+    """Model `key`'s own readout (its backbone's top map, average-pooled, at its size and colour) of the images
+    `files` of task `task_name`, in that order."""
+    m = recipe.model(key)
+    if m.task != task_name:
+        raise HarnessError(f"--also {key}: task {m.task}, not {task_name}: readouts compare one task's images")
+    size = recipe.image_size_for(m)
+    task = prepare_task(recipe, m.task, size, recipe.colour_for(m))
+    where = {f: i for i, f in enumerate(task.files)}
+    feats, _ = readouts(task, np.array([where[f] for f in files]), m.backbone, size, m.weights, recipe.weights_mirror)
+    return feats[f"{TOP} avg"]
 
 
 def readout_benchmark(
@@ -144,7 +167,10 @@ def readout_benchmark(
     copies: int = 0,
     strength: float = 0.5,
     fixed: bool = False,
+    also: list[str] = (),
 ) -> dict:
+    """Every readout of `model_key`'s backbone scored by the probe; with `also` (other models of the same task),
+    their backbones' top averages as well: concatenated with this one's, and their probes averaged with its."""
     mcfg = recipe.model(model_key)
     size, colour = recipe.image_size_for(mcfg), recipe.colour_for(mcfg)
     t0 = time.perf_counter()
@@ -154,10 +180,15 @@ def readout_benchmark(
     feats, augmented = readouts(
         task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, fixed
     )
+    tops = [top_average(recipe, mcfg.task, key, [task.files[i] for i in idx]) for key in also]
     t1 = time.perf_counter()
     y, groups = task.y[idx], task.groups[idx]
     ref = f"{TOP} avg"
     variants = {name: (x, {}) for name, x in feats.items()}
+    if also:
+        names = " + ".join([mcfg.backbone, *(recipe.model(k).backbone for k in also)])
+        variants[f"{ref} of {names}, concatenated"] = (np.concatenate([feats[ref], *tops], 1), {})
+        variants[f"{ref} of {names}, their probes averaged"] = (feats[ref], {"ensemble": tops})
     if copies:
         # Test-time augmentation helps only a head that saw augmented inputs in training: the three ways apart.
         x, kind = feats[ref], "fixed" if fixed else "random"
@@ -181,6 +212,7 @@ def readout_benchmark(
         "augmented_copies": copies,
         "augment_strength": strength if copies else None,
         "copies_kind": ("fixed" if fixed else "random") if copies else None,
+        "also": list(also),
         "readout_s": t1 - t0,
         "probe_s": time.perf_counter() - t1,
         "reference": ref,
@@ -201,6 +233,7 @@ def readout_benchmark(
                 "augmented_copies": copies,
                 "augment_strength": strength,
                 "copies_kind": "fixed" if fixed else "random",
+                "also": ",".join(also) or "none",
             }
         )
         mlflow.log_metrics(

@@ -354,6 +354,19 @@ def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and
         np.testing.assert_allclose(bench, prepare(viewed, viewed.model()).views[:, pool], rtol=1e-4, atol=1e-4)
 
 
+def test_probe_averaged_with_an_identical_readout_scores_as_the_readout_alone():
+    from harness.readouts import probe
+
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(0, 1, (60, 8)) + y[:, None] * 0.7
+    groups = np.arange(60)
+    alone = probe(x, y, groups, 0.1, 2, 0)
+    assert probe(x, y, groups, 0.1, 2, 0, ensemble=[x.copy()]) == pytest.approx(alone)
+    noise = rng.normal(0, 1, (60, 8))  # another readout that knows nothing: the average moves
+    assert probe(x, y, groups, 0.1, 2, 0, ensemble=[noise])["log_loss"] != pytest.approx(alone["log_loss"])
+
+
 @pytest.mark.slow
 def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_validation(tmp_path):
     import subprocess
@@ -362,7 +375,8 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
     from harness.data import prepare_task
     from harness.recipe import load_recipe
 
-    path = write_recipe(tmp_path / "r.yaml")
+    lite = [{"task": "task2", "backbone": f"efficientnet_lite{v}", "weights": "imagenet"} for v in (0, 1)]
+    path = write_recipe(tmp_path / "r.yaml", models=lite)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [
@@ -378,6 +392,8 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
             "0.1",
             "--augment",
             "2",
+            "--also",
+            "task2-efficientnet_lite1",
         ],
         capture_output=True,
         text=True,
@@ -389,7 +405,10 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
     m = recipe.model()
     pool = prepare_task(recipe, m.task, recipe.image_size_for(m), recipe.colour_for(m)).pool()
     assert result["images"] == len(pool)
-    assert result["reference"] in result["scores"] and len(result["scores"]) == 13 + 3  # + the augmented ones
+    # 13 readouts, 3 with augmented copies, 2 with Lite1's top average (concatenated, probes averaged)
+    assert result["reference"] in result["scores"] and len(result["scores"]) == 13 + 3 + 2
+    together = [name for name in result["scores"] if "efficientnet_lite0 + efficientnet_lite1" in name]
+    assert [result["scores"][name]["dims"] for name in together] == [2 * 1280, 1280]
     assert sum("copies" in name for name in result["scores"]) == 3 and result["augmented_copies"] == 2
     assert all(0.0 <= s["C=0.1"]["accuracy"] <= 1.0 for s in result["scores"].values())
 
@@ -439,8 +458,6 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     (nested,) = _runs(mlflow_client, "nested")
     n = nested.data.metrics
     assert n["nested_view_tta.n"] == n["nested.n"]  # the same held-out images, paired
-    import pandas as pd
-
     preds = pd.read_csv(
         mlflow_client.download_artifacts(nested.info.run_id, "nested_predictions.csv.gz", str(tmp_path))
     )
