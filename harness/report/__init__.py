@@ -27,6 +27,12 @@ def _f(x, nd=3) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def _acc_cp(metrics: dict, prefix: str = "") -> str:
+    """`accuracy [exact CI]` of a metric set (`prefix` "nested." reads nested.accuracy, nested.accuracy_cp_low...)."""
+    low, high = metrics.get(f"{prefix}accuracy_cp_low"), metrics.get(f"{prefix}accuracy_cp_high")
+    return f"{_f(metrics.get(f'{prefix}accuracy'))} [{_f(low)}, {_f(high)}]"
+
+
 def paired(rows_a: list[dict], rows_b: list[dict]) -> dict | None:
     """Exact McNemar of two sets of per-image predictions, or None unless they cover the same test images."""
     a = {r["file"]: r["true"] == r["pred"] for r in rows_a}
@@ -148,15 +154,12 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
             [
                 m.key,
                 int(n.get("nested.n", 0)),
-                f"{_f(n.get('nested.accuracy'))} [{_f(n.get('nested.accuracy_cp_low'))}, "
-                f"{_f(n.get('nested.accuracy_cp_high'))}]",
-                f"{_f(n.get('nested.floor.accuracy'))} [{_f(n.get('nested.floor.accuracy_cp_low'))}, "
-                f"{_f(n.get('nested.floor.accuracy_cp_high'))}]",
+                _acc_cp(n, "nested."),
+                _acc_cp(n, "nested.floor."),
                 int(n.get("nested.vs_floor.only_tuned", 0)),
                 int(n.get("nested.vs_floor.only_floor", 0)),
                 _f(n.get("nested.vs_floor.p_value"), 4),
-                f"{_f(t.get('accuracy'))} [{_f(t.get('accuracy_cp_low'))}, {_f(t.get('accuracy_cp_high'))}] "
-                f"(n={t.get('n')})",
+                f"{_acc_cp(t)} (n={t.get('n')})",
             ]
         )
     if not rows:
@@ -165,8 +168,7 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         [
             m.key,
             label,
-            f"{_f(n.get(f'{name}.accuracy'))} [{_f(n.get(f'{name}.accuracy_cp_low'))}, "
-            f"{_f(n.get(f'{name}.accuracy_cp_high'))}]",
+            _acc_cp(n, f"{name}."),
             int(n.get(f"{name}.vs_image_alone.only_averaged", n.get(f"{name}.vs_image_alone.only_views", 0))),
             int(n.get(f"{name}.vs_image_alone.only_image", 0)),
             _f(n.get(f"{name}.vs_image_alone.p_value"), 4),
@@ -182,10 +184,8 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         [
             m.key,
             f"{int(n.get('nested.finetune.outer_chosen', 0))} of {m.nested.data.params.get('nested.outer_folds', '?')}",
-            f"{_f(n.get('nested_head.accuracy'))} [{_f(n.get('nested_head.accuracy_cp_low'))}, "
-            f"{_f(n.get('nested_head.accuracy_cp_high'))}]",
-            f"{_f(n.get('nested.accuracy'))} [{_f(n.get('nested.accuracy_cp_low'))}, "
-            f"{_f(n.get('nested.accuracy_cp_high'))}]",
+            _acc_cp(n, "nested_head."),
+            _acc_cp(n, "nested."),
             int(n.get("nested.vs_head.only_finetuned", 0)),
             int(n.get("nested.vs_head.only_head", 0)),
             _f(n.get("nested.vs_head.p_value"), 4),
