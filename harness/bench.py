@@ -307,6 +307,11 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
     return result
 
 
+def metric_set(metrics: dict, name: str) -> dict:
+    """The metrics `name.*` of a run, without their prefix."""
+    return {k.removeprefix(f"{name}."): v for k, v in metrics.items() if k.startswith(f"{name}.")}
+
+
 def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | None) -> dict:
     """Wall time and peak RSS of a whole study (tune + compare), broken down by phase from the runs it logged; per
     model its test accuracy with both CIs and the floor on the same images, and per task every pair of models
@@ -343,6 +348,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
     for m in models:
         t = test_metrics(m)
         floor = paired(m.split("test"), m.baseline_predictions) if m.baseline else None
+        nested = m.nested.data.metrics if m.nested else {}
         per_model[m.key] = {
             "n": t["n"],
             "accuracy": t["accuracy"],
@@ -360,26 +366,12 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             "stage": m.tags.get("final.stage", "head"),
             "tta_accuracy": m.metrics.get("test_tta.accuracy"),
             "view_tta_accuracy": m.metrics.get("test_view_tta.accuracy"),
-            "nested": {
-                k.removeprefix("nested."): v for k, v in m.nested.data.metrics.items() if k.startswith("nested.")
-            }
-            if m.nested
-            else None,
+            "nested": metric_set(nested, "nested") if m.nested else None,
             # the same outer models before their fine-tuning stage (search.nested_finetune)
-            "nested_head": {
-                k.removeprefix("nested_head."): v
-                for k, v in m.nested.data.metrics.items()
-                if k.startswith("nested_head.")
-            }
-            if m.nested and "nested_head.accuracy" in m.nested.data.metrics
-            else None,
+            "nested_head": metric_set(nested, "nested_head") if "nested_head.accuracy" in nested else None,
             # the same outer models averaged over copies of each image (evaluation.tta / view_tta)
             "nested_averaged": {
-                label: {
-                    k.removeprefix(f"{name}."): v for k, v in m.nested.data.metrics.items() if k.startswith(f"{name}.")
-                }
-                for name, label in NESTED_SETS
-                if f"{name}.accuracy" in m.nested.data.metrics
+                label: metric_set(nested, name) for name, label in NESTED_SETS if f"{name}.accuracy" in nested
             }
             if m.nested
             else None,
