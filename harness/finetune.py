@@ -4,7 +4,8 @@ feature cache cannot apply), with BatchNorm frozen and in inference mode as in t
 
 Its trials use the same folds and objective as the head search and start from the head search's final heads, so
 "0 epochs of fine-tuning" is the bar: a fine-tuned final model replaces the head-only one only when its objective
-beats the head-only model's on the same validation images. Bounded by `max_trials` and a time budget.
+beats the head-only model's on the same validation images — by more than one standard error of its fold mean under
+the default `accept: one_se` (`acceptance_bar`). Bounded by `max_trials` and a time budget.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from harness.models import assemble, build_backbone
 from harness.models.backbones import SPECS
 from harness.prepared import Prepared
 from harness.recipe import FinetuneSearch, TrainingConfig
-from harness.search import best_of, make_tuner, run_search
+from harness.search import Best, best_of, make_tuner, run_search
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,16 @@ class FinetuneHyperModel(kt.HyperModel):
         )
 
 
+def acceptance_bar(start: float, best: Best, folds: int, objective: str, rule: str) -> float:
+    """The objective the stage's best trial must beat to replace the head-only model, whose objective is `start`.
+
+    one_se: the head's objective moved by one standard error of the best trial's fold mean (sample standard deviation
+    of its K fold values over sqrt(K); `best.std` is their population deviation). The best of several trials on the
+    folds the head was chosen on looks better than it is; a gain within its own noise is not taken."""
+    se = best.std / np.sqrt(folds - 1) if rule == "one_se" and folds > 1 else 0.0
+    return start - se if objective.endswith("loss") else start + se
+
+
 def start_objective(prep: Prepared, final: FinalModel, objective: str) -> float:
     """The head-only final model's objective on its members' validation images: the bar fine-tuning must beat."""
     return float(
@@ -173,18 +184,25 @@ def finetune_stage(
     run_search(tuner)
     found = best_of(tuner, prep.mcfg.key)
     best, score, epoch = found.values, found.score, found.epoch
-    better = score < start if objective.endswith("loss") else score > start
+    bar = acceptance_bar(start, found, len(folds), objective, cfg.accept)
+    better = score < bar if objective.endswith("loss") else score > bar
     mlflow.log_metrics(
         {
             f"{prefix}.start_{objective}": start,
             f"{prefix}.best_{objective}": score,
+            f"{prefix}.bar_{objective}": bar,
             f"{prefix}.trials": len(tuner.oracle.trials),
         }
     )
     mlflow.set_tag(f"{prefix}.chosen", str(better).lower())
     if not better:
         log.info(
-            "Fine-tuning did not beat the head-only model (%.4f vs %.4f): the final model stays head-only", score, start
+            "Fine-tuning did not beat the head-only model's %.4f by the %s rule (best %.4f, bar %.4f): the final "
+            "model stays head-only",
+            start,
+            cfg.accept,
+            score,
+            bar,
         )
         return final, "head", {}
     keras.backend.clear_session()

@@ -132,6 +132,12 @@ class FinetuneSearch(Strict):
     epochs: int = Field(5, ge=1, le=1000)
     max_trials: int = Field(6, ge=1, le=1000)
     time_budget_minutes: float = Field(15.0, gt=0)
+    # When the stage's best trial replaces the head-only model. one_se (the one-standard-error rule, Hastie et al.,
+    # Elements of Statistical Learning 7.10): only when it beats the head by more than the standard error of its own
+    # fold mean, because the best of several trials scored on the folds the head was chosen on is flattered by the
+    # choice. any_gain: whenever it beats the head at all. With one validation split (cv_folds 1) there is no
+    # standard error and the two agree.
+    accept: Literal["one_se", "any_gain"] = "one_se"
 
     @field_validator("blocks")
     @classmethod

@@ -113,7 +113,15 @@ def search_model(
             mlflow.log_params(
                 {
                     **tracking.model_params(prep, recipe.head_for(mcfg), tcfg),
-                    **tracking.flatten({"search": space.model_dump(mode="json")}),
+                    # the model's own fine-tuning stage where it overrides the recipe's
+                    **tracking.flatten(
+                        {
+                            "search": {
+                                **space.model_dump(mode="json"),
+                                "finetune": ft_cfg and ft_cfg.model_dump(mode="json"),
+                            }
+                        }
+                    ),
                     "search.folds_used": len(folds),
                 }
             )

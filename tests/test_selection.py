@@ -205,15 +205,24 @@ def test_finetune_stage_searches_from_the_best_head_within_its_budget(tmp_path, 
     (parent,) = _runs(mlflow_client, "search")
     (final,) = _runs(mlflow_client, "final")
     pm = parent.data.metrics
+    # The default rule, one_se: the bar is the head's objective less one standard error of the best (here the only)
+    # trial's fold mean, recomputed from the fold values its run logged.
+    assert parent.data.params["search.finetune.accept"] == "one_se"
+    folds = [ft[0].data.metrics[f"fold{k}.val_loss"] for k in range(2)]
+    assert ft[0].data.metrics["best_val_loss"] == pytest.approx(pm["finetune.best_val_loss"])
+    se = np.std(folds, ddof=1) / np.sqrt(2)
+    assert pm["finetune.bar_val_loss"] == pytest.approx(pm["finetune.start_val_loss"] - se)
     chosen = parent.data.tags["finetune.chosen"] == "true"
-    assert chosen == (pm["finetune.best_val_loss"] < pm["finetune.start_val_loss"])
+    assert chosen == (pm["finetune.best_val_loss"] < pm["finetune.bar_val_loss"])
     assert final.data.tags["final.stage"] == ("finetune" if chosen else "head")
     assert final.data.metrics["test_reads"] == 1
 
 
 @pytest.mark.slow
 def test_nested_estimate_repeats_the_finetune_stage_in_every_outer_fold_paired_with_its_heads(tmp_path, mlflow_client):
+    # any_gain: the rule that lets a fold choose the stage on so little data, so both kinds of outer model are paired
     finetune = {"blocks": [1], "learning_rate": [1e-3], "augment": [0.0], "epochs": 1, "max_trials": 1}
+    finetune["accept"] = "any_gain"
     over = {
         "search.cv_folds": 2,
         "search.nested_cv": 2,
@@ -228,6 +237,7 @@ def test_nested_estimate_repeats_the_finetune_stage_in_every_outer_fold_paired_w
     assert n["outer0.finetune.trials"] == n["outer1.finetune.trials"] == 1  # the stage ran in each outer fold
     chosen = [tags[f"outer{o}.finetune.chosen"] == "true" for o in range(2)]
     for o in range(2):
+        assert n[f"outer{o}.finetune.bar_val_loss"] == n[f"outer{o}.finetune.start_val_loss"]  # any_gain
         better = n[f"outer{o}.finetune.best_val_loss"] < n[f"outer{o}.finetune.start_val_loss"]
         assert chosen[o] == better
     assert n["nested.finetune.outer_chosen"] == sum(chosen)
@@ -297,6 +307,19 @@ def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training
     on_views = np.mean([as_proba(predict(head, view[idx]), prep.n_classes) for view in prep.views], axis=0)
     np.testing.assert_allclose(tta_images_predict(prep, full_model(prep, head), idx), on_views, atol=2e-4)
     np.testing.assert_array_equal(prep.tta_views, prep.views)  # a head's TTA reads the same vectors from the store
+
+
+def test_one_se_bar_moves_the_head_objective_by_the_standard_error_of_the_best_trials_fold_mean():
+    from harness.finetune import acceptance_bar
+    from harness.search import Best, FoldObjective
+
+    per_fold = [0.30, 0.40, 0.50, 0.45, 0.35]
+    best = Best({}, float(np.mean(per_fold)), 3, FoldObjective(float(np.mean(per_fold)), 3, per_fold).std)
+    se = np.std(per_fold, ddof=1) / np.sqrt(5)  # the sample standard deviation of the folds, over sqrt(K)
+    assert acceptance_bar(0.45, best, 5, "val_loss", "one_se") == pytest.approx(0.45 - se)
+    assert acceptance_bar(0.80, best, 5, "val_accuracy", "one_se") == pytest.approx(0.80 + se)
+    assert acceptance_bar(0.45, best, 5, "val_loss", "any_gain") == 0.45
+    assert acceptance_bar(0.45, Best({}, 0.4, 3, 0.0), 1, "val_loss", "one_se") == 0.45  # one split: no error bar
 
 
 def test_finetune_with_refit_is_refused_in_one_line(tmp_path):

@@ -286,6 +286,8 @@ def _finetune(models: list[ModelResult]) -> list:
                 m.key,
                 _f(s.metrics.get(f"finetune.start_{objective}"), 4),
                 _f(s.metrics.get(f"finetune.best_{objective}"), 4),
+                _f(s.metrics.get(f"finetune.bar_{objective}"), 4),
+                s.params.get("search.finetune.accept", "any_gain"),
                 len(ft),
                 ", ".join(f"{k}={best[k]}" for k in ("ft_blocks", "ft_learning_rate", "ft_augment") if k in best),
                 "yes" if s.tags["finetune.chosen"] == "true" else "no: the head-only model stays",
@@ -297,11 +299,22 @@ def _finetune(models: list[ModelResult]) -> list:
         h("Fine-tuning stage", 3),
         p(
             "From the best head, a second search over the backbone's unfrozen top blocks (0 = frozen), their "
-            "learning rate and augmentation strength, on the same folds; it replaces the head-only model only when "
-            "it beats it on the same validation images."
+            "learning rate and augmentation strength, on the same folds; its best trial replaces the head-only model "
+            "only when it beats the bar on the same validation images: the head-only objective itself (any_gain), or "
+            "that objective moved by one standard error of the best trial's fold mean (one_se), because the best of "
+            "several trials on the folds the head was chosen on is flattered by the choice."
         ),
         table(
-            ["model", "head-only objective", "best fine-tuned objective", "trials", "best fine-tuning", "chosen"],
+            [
+                "model",
+                "head-only objective",
+                "best fine-tuned objective",
+                "bar",
+                "rule",
+                "trials",
+                "best fine-tuning",
+                "chosen",
+            ],
             rows,
             "finetune",
         ),
