@@ -15,7 +15,7 @@ demo: install
 	$(VENV)/bin/harness demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite under 20 minutes on 2 cores
 
 lint: install
 	$(VENV)/bin/ruff check .
