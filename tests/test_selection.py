@@ -260,9 +260,22 @@ def test_nested_estimate_repeats_the_finetune_stage_in_every_outer_fold_paired_w
     assert len([t for t in _runs(mlflow_client, "trial") if t.data.tags.get("stage") == "finetune"]) == 1
     res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "report")])
     assert res.exit_code == 0, res.output
-    section = (tmp_path / "report" / "report.md").read_text().split("## How good is the procedure")[1].split("\n## ")[0]
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md.split("## How good is the procedure")[1].split("\n## ")[0]
     (row,) = [ln for ln in section.splitlines() if ln.startswith(f"| task2-efficientnet_lite0 | {sum(chosen)} of 2 |")]
     assert f"| {n['nested_head.accuracy']:.3f} [" in row and f"| {n['nested.accuracy']:.3f} [" in row
+    # The main stage's row in the report's fine-tuning table: head objective, best, the bar and the rule it ran under.
+    pm = _runs(mlflow_client, "search")[0].data.metrics
+    stage = md.split("### Fine-tuning stage")[1].split("\n#")[0]
+    (ft_row,) = [ln for ln in stage.splitlines() if ln.startswith("| task2-efficientnet_lite0 |")]
+    cells = [c.strip() for c in ft_row.strip("|").split("|")]
+    bar = f"{pm['finetune.bar_val_loss']:.4f}"
+    assert cells[1:5] == [
+        f"{pm['finetune.start_val_loss']:.4f}",
+        f"{pm['finetune.best_val_loss']:.4f}",
+        bar,
+        "any_gain",
+    ]
 
 
 @pytest.mark.slow
