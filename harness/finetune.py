@@ -185,7 +185,7 @@ def finetune_stage(
     found = best_of(tuner, prep.mcfg.key)
     best, score, epoch = found.values, found.score, found.epoch
     bar = acceptance_bar(start, found, len(folds), objective, cfg.accept)
-    better = score < bar if objective.endswith("loss") else score > bar
+    better = tuner.oracle.objective.better_than(score, bar)  # the direction the trials were ranked in
     mlflow.log_metrics(
         {
             f"{prefix}.start_{objective}": start,

@@ -221,8 +221,14 @@ def test_finetune_stage_searches_from_the_best_head_within_its_budget(tmp_path, 
 @pytest.mark.slow
 def test_nested_estimate_repeats_the_finetune_stage_in_every_outer_fold_paired_with_its_heads(tmp_path, mlflow_client):
     # any_gain: the rule that lets a fold choose the stage on so little data, so both kinds of outer model are paired
-    finetune = {"blocks": [1], "learning_rate": [1e-3], "augment": [0.0], "epochs": 1, "max_trials": 1}
-    finetune["accept"] = "any_gain"
+    finetune = {
+        "blocks": [1],
+        "learning_rate": [1e-3],
+        "augment": [0.0],
+        "epochs": 1,
+        "max_trials": 1,
+        "accept": "any_gain",
+    }
     over = {
         "search.cv_folds": 2,
         "search.nested_cv": 2,
