@@ -124,14 +124,14 @@ class FinetuneHyperModel(kt.HyperModel):
         )
 
 
-def acceptance_bar(start: float, best: Best, folds: int, objective: str, rule: str) -> float:
+def acceptance_bar(start: float, best: Best, folds: int, objective: kt.Objective, rule: str) -> float:
     """The objective the stage's best trial must beat to replace the head-only model, whose objective is `start`.
 
     one_se: the head's objective moved by one standard error of the best trial's fold mean (sample standard deviation
     of its K fold values over sqrt(K); `best.std` is their population deviation). The best of several trials on the
     folds the head was chosen on looks better than it is; a gain within its own noise is not taken."""
     se = best.std / np.sqrt(folds - 1) if rule == "one_se" and folds > 1 else 0.0
-    return start - se if objective.endswith("loss") else start + se
+    return start - se if objective.direction == "min" else start + se
 
 
 def start_objective(prep: Prepared, final: FinalModel, objective: str) -> float:
@@ -184,8 +184,9 @@ def finetune_stage(
     run_search(tuner)
     found = best_of(tuner, prep.mcfg.key)
     best, score, epoch = found.values, found.score, found.epoch
-    bar = acceptance_bar(start, found, len(folds), objective, cfg.accept)
-    better = tuner.oracle.objective.better_than(score, bar)  # the direction the trials were ranked in
+    # the bar and the comparison both take their direction from the objective the tuner ranked the trials by
+    bar = acceptance_bar(start, found, len(folds), tuner.oracle.objective, cfg.accept)
+    better = tuner.oracle.objective.better_than(score, bar)
     mlflow.log_metrics(
         {
             f"{prefix}.start_{objective}": start,

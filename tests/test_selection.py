@@ -329,16 +329,20 @@ def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training
 
 
 def test_one_se_bar_moves_the_head_objective_by_the_standard_error_of_the_best_trials_fold_mean():
+    import keras_tuner as kt
+
     from harness.finetune import acceptance_bar
     from harness.search import Best, FoldObjective
+
+    loss, accuracy = kt.Objective("val_loss", "min"), kt.Objective("val_accuracy", "max")
 
     per_fold = [0.30, 0.40, 0.50, 0.45, 0.35]
     best = Best({}, float(np.mean(per_fold)), 3, FoldObjective(float(np.mean(per_fold)), 3, per_fold).std)
     se = np.std(per_fold, ddof=1) / np.sqrt(5)  # the sample standard deviation of the folds, over sqrt(K)
-    assert acceptance_bar(0.45, best, 5, "val_loss", "one_se") == pytest.approx(0.45 - se)
-    assert acceptance_bar(0.80, best, 5, "val_accuracy", "one_se") == pytest.approx(0.80 + se)
-    assert acceptance_bar(0.45, best, 5, "val_loss", "any_gain") == 0.45
-    assert acceptance_bar(0.45, Best({}, 0.4, 3, 0.0), 1, "val_loss", "one_se") == 0.45  # one split: no error bar
+    assert acceptance_bar(0.45, best, 5, loss, "one_se") == pytest.approx(0.45 - se)
+    assert acceptance_bar(0.80, best, 5, accuracy, "one_se") == pytest.approx(0.80 + se)
+    assert acceptance_bar(0.45, best, 5, loss, "any_gain") == 0.45
+    assert acceptance_bar(0.45, Best({}, 0.4, 3, 0.0), 1, loss, "one_se") == 0.45  # one split: no error bar
 
 
 def test_finetune_with_refit_is_refused_in_one_line(tmp_path):
