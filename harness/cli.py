@@ -27,7 +27,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect image folders.")
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weights available offline.")
 app.add_typer(data_app, name="data")
 app.add_typer(weights_app, name="weights")
-out = Console()
+# soft_wrap: a printed line (a file's path above all) is never broken at the console's width, so it can be copied
+# or grepped whole from a pipe or a log; tables still fit the width.
+out = Console(soft_wrap=True)
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (a study).")]

@@ -204,11 +204,13 @@ def test_synthetic_data_is_deterministic_and_shaped_like_real(tmp_path):
             assert fa.read_bytes() == fb.read_bytes()
 
 
-def test_data_check_cli(tmp_path, good_root):
+def test_data_check_cli_exits_one_naming_the_bad_files_whole_path_on_one_line(tmp_path, good_root):
     res = CliRunner().invoke(app, ["data", "check", str(good_root / "train")])
     assert res.exit_code == 0 and "covid" in res.output and "0 problem(s)" in res.output
-    (good_root / "train" / "normal" / "zero.jpg").write_bytes(b"")
-    res = CliRunner().invoke(app, ["data", "check", str(good_root / "train")])
-    assert res.exit_code == 1 and "zero.jpg" in res.output
+    zero = good_root / "train" / "normal" / "zero.jpg"
+    zero.write_bytes(b"")
+    res = CliRunner().invoke(app, ["data", "check", str(good_root / "train")])  # CliRunner's console: 80 columns
+    assert res.exit_code == 1
+    assert any(ln.startswith("problem: ") and str(zero) in ln for ln in res.output.splitlines()), res.output
     report = check_folder(good_root / "train")
     assert report["classes"]["covid"]["n"] == 6 and report["classes"]["covid"]["modes"]["L"] == 6
