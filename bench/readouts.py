@@ -1,14 +1,15 @@
 """Would another readout of the frozen backbone help? Linear-probe accuracy of the top map average-pooled (what the
-harness trains on) against earlier stages, max pooling and image halves, under repeated patient-grouped 5-fold CV
-of train+validation (the test split is not read), at several regularisation strengths; with --augment K also the
-top average with test-time augmentation, trained on augmented copies, and both. Skips when the shared challenge data
-is absent.
+harness trains on) against earlier stages, max pooling, image halves and (--clahe) contrast-equalised images, under
+repeated patient-grouped 5-fold CV of train+validation (the test split is not read), at several regularisation
+strengths; with --augment K also the top average with test-time augmentation, trained on augmented copies, and both.
+Skips when the shared challenge data is absent.
 
     python bench/readouts.py                                    # Task 2, Lite0, the shared challenge data
     python bench/readouts.py --model task2-efficientnet_lite1 --repeats 5
     python bench/readouts.py --augment 6          # + the top average trained on / TTA over 6 augmented copies
     python bench/readouts.py --augment 6 --fixed  # the same, 6 fixed views (the same transforms for every image)
     python bench/readouts.py --also task2-efficientnet_lite1 --also task2-efficientnet_lite2  # backbones together
+    python bench/readouts.py --clahe           # + the top average of CLAHE-equalised images (needs scikit-image)
     python bench/readouts.py --recipe recipes/demo.yaml --model task1-efficientnet_lite0 --repeats 1 --c 0.1
 """
 
@@ -41,6 +42,7 @@ if __name__ == "__main__":
         help="another model of the task (repeatable): its backbone's top "
         "average concatenated with this one's, and its probe averaged with this one's",
     )
+    ap.add_argument("--clahe", action="store_true", help="also the top average of the images CLAHE-equalised first")
     ap.add_argument("--data-root", default=None)
     a = ap.parse_args()
     setup_logging(logging.INFO)
@@ -55,7 +57,7 @@ if __name__ == "__main__":
             sys.exit(0)
         print_readouts(
             readout_benchmark(
-                recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed, a.also
+                recipe, a.model, a.c or [0.01, 0.1, 1.0], a.repeats, a.augment, a.strength, a.fixed, a.also, a.clahe
             )
         )
     except HarnessError as e:

@@ -1,8 +1,9 @@
 """Readouts: what else a frozen backbone's maps could give a head besides the one average-pooled top vector the
 harness trains on — the pooled outputs of earlier stages, the top maps pooled by max as well, or by image halves
-(left/right lung, upper/lower zone) — each scored by the floor's own linear probe (standardised logistic
-regression) under repeated stratified, patient-grouped cross-validation of train+validation. The test split is
-never read: this answers "would another readout help the procedure", not "which one wins on the test images".
+(left/right lung, upper/lower zone), or the top map of the images contrast-equalised first (CLAHE) — each scored
+by the floor's own linear probe (standardised logistic regression) under repeated stratified, patient-grouped
+cross-validation of train+validation. The test split is never read: this answers "would another readout help the
+procedure", not "which one wins on the test images".
 
 Only the EfficientNet-Lite backbones are known here (their stage ends are named by `efficientnet_lite`)."""
 
@@ -54,6 +55,22 @@ def stage_ends(backbone: keras.Model) -> list[tuple[str, keras.KerasTensor]]:
     return [*ends, (TOP, backbone.get_layer("head_relu").output)]
 
 
+CLAHE_CLIP = 0.01  # scikit-image's default clip limit
+
+
+def equalised(images: np.ndarray) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (scikit-image's `equalize_adapthist`, on the value channel of
+    a colour image, so a greyscale one stays grey) of uint8 image batches, back to uint8: a common X-ray
+    preprocessing step, here only a readout to score, not a step of the harness's pipeline."""
+    try:
+        from skimage import exposure
+    except ImportError:
+        raise HarnessError("the CLAHE readout needs scikit-image (pip install scikit-image)") from None
+    return np.stack(
+        [np.round(exposure.equalize_adapthist(im, clip_limit=CLAHE_CLIP) * 255).astype(np.uint8) for im in images]
+    )
+
+
 def readouts(
     task: TaskData,
     idx: np.ndarray,
@@ -65,12 +82,14 @@ def readouts(
     strength: float = 0.5,
     fixed: bool = False,
     batch: int = 32,
+    clahe: bool = False,
 ) -> tuple[dict, np.ndarray | None]:
     """(name -> (len(idx), D) float32 vectors of every readout, from one pass of the images through the backbone;
     the top average of `copies` augmented copies of every image, (copies, len(idx), D), or None). The copies are the
     feature store's own views of `training.views`, by the same path (`forward_fn(view=)`), so they are the features
     the harness trains on: random copies (`random_views`: every image its own rotation, zoom, shift and contrast,
-    drawn from its content hash) or, with `fixed`, the same transforms for every image (`fixed_views`)."""
+    drawn from its content hash) or, with `fixed`, the same transforms for every image (`fixed_views`). With `clahe`
+    also the top average of the images equalised first (`equalised`)."""
     backbone, _ = build_backbone(backbone_name, weights, image_size, mirror)
     ends = stage_ends(backbone)
     multi = keras.Model(backbone.input, [out for _, out in ends])  # the backbone's own inputs (Keras 3 needs them)
@@ -92,6 +111,8 @@ def readouts(
             augmented[k].append(np.asarray(view(images, sha1s)).mean(axis=(1, 2)))
         for (name, _), maps in zip(ends, outs):
             add(f"{name} avg", maps.mean(axis=(1, 2)))
+        if clahe:
+            add(f"{TOP} avg of CLAHE images", np.asarray(backbone(pre(equalised(images)), training=False)).mean((1, 2)))
         top = outs[-1]
         # The middle row/column of an odd-sized map belongs to neither half; a 1x1 map (tiny images) is both.
         h, w = max(1, top.shape[1] // 2), max(1, top.shape[2] // 2)
@@ -168,6 +189,7 @@ def readout_benchmark(
     strength: float = 0.5,
     fixed: bool = False,
     also: list[str] = (),
+    clahe: bool = False,
 ) -> dict:
     """Every readout of `model_key`'s backbone scored by the probe; with `also` (other models of the same task),
     their backbones' top averages as well: concatenated with this one's, and their probes averaged with its."""
@@ -178,7 +200,7 @@ def readout_benchmark(
     idx = task.pool()
     seed = recipe.data.seed
     feats, augmented = readouts(
-        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, fixed
+        task, idx, mcfg.backbone, size, mcfg.weights, recipe.weights_mirror, copies, strength, fixed, clahe=clahe
     )
     tops = [top_average(recipe, mcfg.task, key, [task.files[i] for i in idx]) for key in also]
     t1 = time.perf_counter()
@@ -213,6 +235,7 @@ def readout_benchmark(
         "augment_strength": strength if copies else None,
         "copies_kind": ("fixed" if fixed else "random") if copies else None,
         "also": list(also),
+        "clahe_clip": CLAHE_CLIP if clahe else None,
         "readout_s": t1 - t0,
         "probe_s": time.perf_counter() - t1,
         "reference": ref,
@@ -234,6 +257,7 @@ def readout_benchmark(
                 "augment_strength": strength,
                 "copies_kind": "fixed" if fixed else "random",
                 "also": ",".join(also) or "none",
+                "clahe_clip": CLAHE_CLIP if clahe else "none",
             }
         )
         mlflow.log_metrics(

@@ -375,8 +375,10 @@ def test_random_views_draw_each_images_transform_from_its_hash_alone():
 def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and_no_test_image_is_read(
     tmp_path,
 ):
+    from harness.models.backbones import SPECS
+    from harness.models.layers import preprocessing
     from harness.prepared import prepare
-    from harness.readouts import TOP, readouts
+    from harness.readouts import TOP, equalised, readouts
     from harness.recipe import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
@@ -384,9 +386,14 @@ def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and
     task, pool, seen = prep.task, prep.task.pool(), []
     images = task.images
     task.images = lambda idx: (seen.extend(np.asarray(idx).tolist()), images(idx))[1]
-    feats, copies = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, batch=5)
+    feats, copies = readouts(task, pool, recipe.model().backbone, prep.image_size, copies=2, batch=5, clahe=True)
     assert sorted(seen) == pool.tolist() and not set(seen) & set(task.splits["test"].tolist())
     np.testing.assert_allclose(feats[f"{TOP} avg"], prep.pooled[pool], rtol=1e-4, atol=1e-4)
+    # the CLAHE readout: the same backbone's top average of the equalised images, not of the originals
+    backbone, pre = prep.backbone, preprocessing(SPECS[recipe.model().backbone].preprocess, task.colour)
+    eq = np.asarray(backbone(pre(equalised(images(pool))), training=False)).mean(axis=(1, 2))
+    np.testing.assert_allclose(feats[f"{TOP} avg of CLAHE images"], eq, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(eq, prep.pooled[pool], atol=1e-3)
     assert len([n for n in feats if n.startswith("stage")]) == 7  # Lite0's seven stages of blocks
     assert all(len(x) == len(pool) for x in feats.values())
     assert copies.shape == (2, *feats[f"{TOP} avg"].shape) and not np.allclose(copies[0], feats[f"{TOP} avg"])
@@ -440,6 +447,7 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
             "2",
             "--also",
             "task2-efficientnet_lite1",
+            "--clahe",
         ],
         capture_output=True,
         text=True,
@@ -451,8 +459,9 @@ def test_readout_bench_prints_a_probe_score_for_every_readout_on_train_and_valid
     m = recipe.model()
     pool = prepare_task(recipe, m.task, recipe.image_size_for(m), recipe.colour_for(m)).pool()
     assert result["images"] == len(pool)
-    # 13 readouts, 3 with augmented copies, 2 with Lite1's top average (concatenated, probes averaged)
-    assert result["reference"] in result["scores"] and len(result["scores"]) == 13 + 3 + 2
+    # 13 readouts, the CLAHE one, 3 with augmented copies, 2 with Lite1's top average (concatenated, probes averaged)
+    assert result["reference"] in result["scores"] and len(result["scores"]) == 13 + 1 + 3 + 2
+    assert result["scores"]["top avg of CLAHE images"]["dims"] == 1280 and result["clahe_clip"] == 0.01
     together = [name for name in result["scores"] if "efficientnet_lite0 + efficientnet_lite1" in name]
     assert [result["scores"][name]["dims"] for name in together] == [2 * 1280, 1280]
     assert sum("copies" in name for name in result["scores"]) == 3 and result["augmented_copies"] == 2
