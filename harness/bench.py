@@ -17,7 +17,7 @@ import numpy as np
 
 from harness import tracking
 from harness.paths import get_paths
-from harness.recipe import Recipe, load_recipe
+from harness.recipe import Recipe, load_recipe, minimised
 
 
 def current_rss_mib() -> float:
@@ -412,7 +412,7 @@ def winners(study: dict, recipe: Recipe) -> dict[str, str]:
     objective = recipe.search.objective
     best: dict[str, tuple[float, str]] = {}
     for key, m in study["per_model"].items():
-        value = m["selection"] if objective.endswith("loss") else -m["selection"]
+        value = m["selection"] if minimised(objective) else -m["selection"]
         task = recipe.model(key).task
         if task not in best or value < best[task][0]:
             best[task] = (value, key)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from harness.recipe import minimised
+
 
 def _per_variable(cls: type) -> type:
     """`cls` updating each variable with Keras' own `update_step`, without TensorFlow's distribution merge_call.
@@ -123,7 +125,7 @@ class FitResult:
         series = self.history.get(metric, [])
         if not series:
             return float("nan")
-        return float(min(series) if metric.endswith("loss") else max(series))
+        return float(min(series) if minimised(metric) else max(series))
 
     def metrics(self, offset: int = 0) -> list[tuple[str, float, int]]:
         """(name, value, step) of every epoch, plus the epoch timings, for one batched MLflow write."""
@@ -295,7 +297,7 @@ def _fit_group(
             if monitor and monitor in lg:
                 b_epoch, b_value, b_weights = best[k]
                 v = lg[monitor]
-                if b_value is None or (v < b_value if monitor.endswith("loss") else v > b_value):
+                if b_value is None or (v < b_value if minimised(monitor) else v > b_value):
                     # Strictly better, as Keras' EarlyStopping: ties keep the earlier epoch.
                     best[k] = (e, v, [w.numpy() for w in models[k].weights] if restore_best else None)
         if on_epoch:

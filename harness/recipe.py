@@ -154,6 +154,13 @@ class FinetuneSearch(Strict):
         return v
 
 
+def minimised(metric: str) -> bool:
+    """Whether lower is better for a metric the harness ranks by: a loss is minimised, any other objective (accuracy)
+    maximised. The one statement of that rule, for the tuner's objective, early stopping, fold curves, the registry's
+    champion and the report's orderings alike."""
+    return metric.endswith("loss")
+
+
 class SearchConfig(Strict):
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     max_trials: int = Field(10, ge=1, le=10000)

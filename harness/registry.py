@@ -21,6 +21,7 @@ import numpy as np
 
 from harness import tracking
 from harness.errors import HarnessError
+from harness.recipe import minimised
 
 log = logging.getLogger(__name__)
 SERVING_CODE = Path(__file__).with_name("serving_model.py")
@@ -125,7 +126,7 @@ class Candidate:
     value: float
 
     def better_than(self, other: Candidate) -> bool:
-        return self.value < other.value if self.objective.endswith("loss") else self.value > other.value
+        return self.value < other.value if minimised(self.objective) else self.value > other.value
 
 
 def choose(candidates: list[Candidate]) -> Candidate:

@@ -25,7 +25,7 @@ from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.fit import FitResult, Fold, fit_on, optimizer_factory
 from harness.prepared import Prepared, refresh_backbone
-from harness.recipe import FloatRange, HeadConfig, SearchConfig
+from harness.recipe import FloatRange, HeadConfig, SearchConfig, minimised
 from harness.resume import STOP, atomic_json, check_interrupt
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def fold_objective(results: list[FitResult], objective: str) -> FoldObjective:
     the mean curve is best, so the K heads are judged, and later trained, at one common epoch count."""
     curves = np.array([r.history[objective] for r in results])
     mean = curves.mean(axis=0)
-    e = int(np.argmin(mean) if objective.endswith("loss") else np.argmax(mean))
+    e = int(np.argmin(mean) if minimised(objective) else np.argmax(mean))
     return FoldObjective(float(mean[e]), e, [float(v) for v in curves[:, e]])
 
 
@@ -362,7 +362,7 @@ def make_tuner(
     (Keras Tuner swaps it in when KERASTUNER_ORACLE_IP is set), and its state is never overwritten."""
     kind = tuner or space.tuner
     kwargs = dict(
-        objective=kt.Objective(space.objective, "min" if space.objective.endswith("loss") else "max"),
+        objective=kt.Objective(space.objective, "min" if minimised(space.objective) else "max"),
         seed=space.seed,
         max_consecutive_failed_trials=space.max_consecutive_failures,
     )

@@ -15,6 +15,7 @@ import numpy as np
 from harness import tracking
 from harness.evaluate import confusion_figure, mcnemar, metrics
 from harness.paths import get_paths
+from harness.recipe import minimised
 from harness.report import figures
 from harness.report.collect import ModelResult, Study, collect
 from harness.report.render import h, img, p, table, to_html, to_markdown
@@ -276,7 +277,7 @@ def _finetune(models: list[ModelResult]) -> list:
         ft = [r for r in m.trials if r.get("stage") == "finetune"]
         best = (
             min(ft, key=lambda r: r["objective"])
-            if ft and objective.endswith("loss")
+            if ft and minimised(objective)
             else max(ft, key=lambda r: r["objective"])
             if ft
             else {}
@@ -765,7 +766,7 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
         top = sorted(
             [r for r in m.head_trials if np.isfinite(r["objective"])],
             key=lambda r: r["objective"],
-            reverse=not objective.endswith("loss"),
+            reverse=not minimised(objective),
         )[:5]
         keys = sorted({k for r in top for k in r} - {"trial", "status", "objective", "seconds", "stage"})
         blocks.append(

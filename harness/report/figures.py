@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
+from harness.recipe import minimised  # noqa: E402
 from harness.report.collect import ModelResult  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def tuning(m: ModelResult, objective: str, path: Path) -> Path:
     if rows:
         n = np.arange(1, len(rows) + 1)
         obj = np.array([r["objective"] for r in rows])
-        best = np.minimum.accumulate(obj) if objective.endswith("loss") else np.maximum.accumulate(obj)
+        best = np.minimum.accumulate(obj) if minimised(objective) else np.maximum.accumulate(obj)
         ax.scatter(n, obj, label="trial", color="tab:blue")
         ax.plot(n, best, color="tab:orange", label="best so far")
         ax.legend()
