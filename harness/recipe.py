@@ -122,14 +122,33 @@ class IntRange(Strict):
 
 
 class FinetuneSearch(Strict):
-    """Second search stage, from the best head: how many of the backbone's top blocks to unfreeze (0 = frozen), at
-    which learning rate, with how much augmentation. BatchNorm stays frozen and in inference mode. Same objective
-    and folds as the head search; ends after `max_trials` or when `time_budget_minutes` is spent."""
+    """Second search stage, from the best head: how much of the backbone to unfreeze (0 = frozen, a count of top
+    blocks, `half` or `all`), at which learning rate, with how much augmentation, and the small-data fine-tuning
+    options a practitioner expects (each a list the search chooses from, or one value the recipe sets): per-block
+    (discriminative) learning rates, warm-up then cosine decay, label smoothing, an exponential moving average of
+    the weights, early stopping on the folds' objective. BatchNorm stays frozen and in inference mode. Same
+    objective and folds as the head search; ends after `max_trials`, or before a trial that the time budget cannot
+    hold."""
 
-    blocks: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    blocks: list[int | Literal["half", "all"]] = Field(default_factory=lambda: [0, 1, 2])
     learning_rate: list[float] = Field(default_factory=lambda: [1e-5, 1e-4])
     augment: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    # Discriminative learning rates (ULMFiT): the k-th unfrozen block below the top trains at learning_rate *
+    # lr_decay**k (the head at the full rate); 1.0 = one rate for all.
+    lr_decay: list[float] = Field(default_factory=lambda: [1.0])
+    # The learning rate rises linearly from 0 over `warmup_epochs`, then stays (constant) or follows a cosine to 0
+    # at `epochs` (cosine). 0 and constant: the rate is flat, as before these options.
+    warmup_epochs: int = Field(0, ge=0, le=1000)
+    schedule: Literal["constant", "cosine"] = "constant"
+    # Training loss only: the objective (val_loss) is always the plain cross-entropy, so trials stay comparable.
+    label_smoothing: list[float] = Field(default_factory=lambda: [0.0])
+    # Momentum of an exponential moving average of the trainable weights, evaluated and kept in their place
+    # (0 = off); e.g. 0.9 averages over about the last 10 steps.
+    ema: list[float] = Field(default_factory=lambda: [0.0])
     epochs: int = Field(5, ge=1, le=1000)
+    # Early stopping: a trial ends after this many epochs without a better fold-mean objective (None: all epochs);
+    # the epoch count it keeps is always the folds' best, as without it.
+    patience: int | None = Field(None, ge=1)
     max_trials: int = Field(6, ge=1, le=1000)
     time_budget_minutes: float = Field(15.0, gt=0)
     # When the stage's best trial replaces the head-only model. one_se (the one-standard-error rule, Hastie et al.,
@@ -138,12 +157,24 @@ class FinetuneSearch(Strict):
     # choice. any_gain: whenever it beats the head at all. With one validation split (cv_folds 1) there is no
     # standard error and the two agree.
     accept: Literal["one_se", "any_gain"] = "one_se"
+    # Activation cache: when some top blocks train and the rest stays frozen, the frozen bottom's output for every
+    # image and for `cache_views` augmented views of it is computed once and kept in the feature store, and epochs
+    # run only the top (each training image seen as one of its cached views per epoch, drawn afresh every epoch).
+    # false: every epoch runs the whole backbone on freshly resampled images.
+    cache: bool = True
+    cache_views: int = Field(8, ge=1, le=64)
+    # median: a trial whose fold-mean objective, from epoch `prune_after` on, is worse than the median of the
+    # completed trials' at the same epoch stops there (the median stopping rule of Google Vizier), once
+    # `prune_min_trials` trials have completed; it is recorded as pruned and never chosen. none: every trial runs.
+    prune: Literal["none", "median"] = "median"
+    prune_after: int = Field(2, ge=1)
+    prune_min_trials: int = Field(3, ge=1)
 
     @field_validator("blocks")
     @classmethod
     def _non_negative(cls, v):
-        if not v or any(b < 0 for b in v):
-            raise ValueError("blocks: one or more counts of top blocks, 0 or more")
+        if not v or any(isinstance(b, int) and b < 0 for b in v):
+            raise ValueError("blocks: one or more counts of top blocks (0 or more), 'half' or 'all'")
         return v
 
     @field_validator("augment")
@@ -152,6 +183,40 @@ class FinetuneSearch(Strict):
         if not v or any(not 0 <= a <= 1 for a in v):
             raise ValueError("augment: one or more strengths between 0 and 1")
         return v
+
+    @field_validator("lr_decay")
+    @classmethod
+    def _decays(cls, v):
+        if not v or any(not 0 < d <= 1 for d in v):
+            raise ValueError("lr_decay: one or more factors in (0, 1]")
+        return v
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing(cls, v):
+        if not v or any(not 0 <= a < 0.5 for a in v):
+            raise ValueError("label_smoothing: one or more values in [0, 0.5)")
+        return v
+
+    @field_validator("ema")
+    @classmethod
+    def _momenta(cls, v):
+        if not v or any(not 0 <= a < 1 for a in v):
+            raise ValueError("ema: one or more momenta in [0, 1) (0 = off)")
+        return v
+
+
+class EnsembleConfig(Strict):
+    """A candidate of its own for the task's champion: the average of the final models of several recipe models of
+    one task (`members`, by key), scored by the same validation objective on their out-of-fold predictions."""
+
+    task: str
+    members: list[str] = Field(min_length=2)
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or f"{self.task}-ensemble"
 
 
 def minimised(metric: str) -> bool:
@@ -239,6 +304,7 @@ class Recipe(Strict):
     training: TrainingConfig = TrainingConfig()
     search: SearchConfig = SearchConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    ensembles: list[EnsembleConfig] = Field(default_factory=list)
     # Where Keras application weights are fetched from when absent: a base URL (http(s):// or file://) laid out like
     # Keras' own (<base>/vgg19/<file>); default $HARNESS_WEIGHTS_MIRROR, else Keras' URL.
     weights_mirror: str | None = None
@@ -268,12 +334,36 @@ class Recipe(Strict):
                     f"{where}.views needs average pooling (search.pooling [avg], head.pooling avg): views are kept as "
                     "pooled vectors only"
                 )
+        self._check_ensembles()
         if s.cv_folds > 1 and s.final == "refit" and (s.finetune or any(m.finetune for m in self.models)):
             raise ValueError(
                 "search.finetune needs final: ensemble (or cv_folds: 1): a refit on all of "
                 "train+validation leaves no fold to choose the fine-tuning on"
             )
         return self
+
+    def _check_ensembles(self) -> None:
+        models = {m.key: m for m in self.models}
+        for i, e in enumerate(self.ensembles):
+            where = f"ensembles.{i}"
+            if e.task not in self.tasks:
+                raise ValueError(f"{where}.task: unknown task '{e.task}' (tasks: {', '.join(self.tasks)})")
+            if e.key in models or e.key in [x.key for x in self.ensembles[:i]]:
+                raise ValueError(f"{where}.name: '{e.key}' is already a model's or an ensemble's name")
+            if len(set(e.members)) != len(e.members):
+                raise ValueError(f"{where}.members: a model is named twice")
+            for j, k in enumerate(e.members):
+                if k not in models:
+                    raise ValueError(f"{where}.members.{j}: no model '{k}' (models: {', '.join(models)})")
+                if models[k].task != e.task:
+                    raise ValueError(f"{where}.members.{j}: '{k}' is a model of {models[k].task}, not {e.task}")
+            shapes = {(self.image_size_for(models[k]), self.colour_for(models[k])) for k in e.members}
+            if len(shapes) > 1:
+                seen = ", ".join(f"{k}: {self.image_size_for(models[k])} px {self.colour_for(models[k])}" for k in e.members)
+                raise ValueError(
+                    f"{where}.members: the members take images of different sizes or colour policies ({seen}); "
+                    "an averaged model takes one input: set their image_size"
+                )
 
     def model(self, key: str | None = None) -> ModelConfig:
         if key is None:
