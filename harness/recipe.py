@@ -359,7 +359,8 @@ class Recipe(Strict):
                     raise ValueError(f"{where}.members.{j}: '{k}' is a model of {models[k].task}, not {e.task}")
             shapes = {(self.image_size_for(models[k]), self.colour_for(models[k])) for k in e.members}
             if len(shapes) > 1:
-                seen = ", ".join(f"{k}: {self.image_size_for(models[k])} px {self.colour_for(models[k])}" for k in e.members)
+                size, colour = self.image_size_for, self.colour_for
+                seen = ", ".join(f"{k}: {size(models[k])} px {colour(models[k])}" for k in e.members)
                 raise ValueError(
                     f"{where}.members: the members take images of different sizes or colour policies ({seen}); "
                     "an averaged model takes one input: set their image_size"
