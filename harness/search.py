@@ -29,6 +29,7 @@ from harness.recipe import FloatRange, HeadConfig, SearchConfig, minimised
 from harness.resume import STOP, atomic_json, check_interrupt
 
 log = logging.getLogger(__name__)
+PRUNED = "pruned"  # the tag of a trial run, and the metric of a Keras Tuner trial, that pruning stopped early
 
 
 def clean_values(values: dict) -> dict:
@@ -240,6 +241,7 @@ class TrackedTuner(kt.Tuner):
                     objective: m[f"best_{objective}"],
                     "best_epoch": m.get("best_epoch", 0.0),
                     "cv_std": m.get(f"cv_std_{objective}", 0.0),
+                    **({PRUNED: 1.0} if done.data.tags.get(PRUNED) == "true" else {}),
                 }
             if done is not None:  # cut short by a kill or a failure: its partial record makes way for the rerun
                 tracking.client().delete_run(done.info.run_id)
@@ -285,7 +287,11 @@ class TrackedTuner(kt.Tuner):
                 m.save_weights(self.checkpoint(trial.trial_id, k))
         score = fold_objective(results, objective)
         seconds = time.perf_counter() - t0
+        self.longest_trial = max(getattr(self, "longest_trial", 0.0), seconds)
+        pruned = any(r.stopped == "pruned" for r in results)
         if run_id is not None:
+            if pruned:  # a finished run, marked: its objective is that of the epochs it ran, and it is never chosen
+                mlflow.set_tag(PRUNED, "true")
             train_s = results[0].seconds
             mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
             tracking.log_fit(mean_result(results), offset=initial, run_id=run_id)
@@ -301,24 +307,32 @@ class TrackedTuner(kt.Tuner):
             )
             mlflow.log_metric(f"best_{objective}", score.value)  # last: its presence marks a complete record
         log.info(
-            "%s trial %s: %s %.4f%s in %.1f s  %s",
+            "%s trial %s: %s %.4f%s in %.1f s%s  %s",
             self.hypermodel.stage,
             trial.trial_id,
             objective,
             score.value,
             f" ± {score.std:.4f} over {len(results)} folds" if len(results) > 1 else "",
             seconds,
+            f", pruned after {results[0].epochs} epochs" if pruned else "",
             values,
         )
-        return {objective: score.value, "best_epoch": float(initial + score.epoch), "cv_std": score.std}
+        out = {objective: score.value, "best_epoch": float(initial + score.epoch), "cv_std": score.std}
+        return {**out, PRUNED: 1.0} if pruned else out
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         if STOP.is_set():  # Ctrl-C: this trial is recorded; no new one starts
             self.oracle.max_trials = len(self.oracle.trials)
-        elif self.deadline is not None and time.monotonic() > self.deadline:  # the stage's time budget is spent
+        elif self.deadline is not None and time.monotonic() + getattr(self, "longest_trial", 0.0) > self.deadline:
+            # The budget is honoured to the trial: no trial starts that the time left could not hold, judged by the
+            # longest trial so far.
             self.oracle.max_trials = len(self.oracle.trials)
-            log.info("%s stage: time budget spent after %d trials", self.hypermodel.stage, len(self.oracle.trials))
+            log.info(
+                "%s stage: the time budget holds no further trial after %d trials",
+                self.hypermodel.stage,
+                len(self.oracle.trials),
+            )
 
 
 def trial_runs(parent_run_id: str, stage: str = "head") -> dict:
@@ -421,11 +435,16 @@ class Best:
     std: float
 
 
+def is_pruned(trial) -> bool:
+    return trial.metrics.exists(PRUNED) and bool(trial.metrics.get_last_value(PRUNED))
+
+
 def best_of(tuner, key: str) -> Best:
-    completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+    """The best completed trial that was not pruned."""
+    completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED" and not is_pruned(t)]
     if not completed:
         raise HarnessError(f"{key}: no trial completed; see the failed trial runs in MLflow for errors")
-    best = tuner.oracle.get_best_trials(1)[0]
+    best = next(t for t in tuner.oracle.get_best_trials(len(tuner.oracle.trials)) if not is_pruned(t))
     return Best(
         clean_values(best.hyperparameters.values),
         float(best.score),

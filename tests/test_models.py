@@ -179,7 +179,8 @@ def test_finetuning_top_blocks_changes_exactly_their_weighted_non_batchnorm_laye
     prep = prepare(recipe, recipe.models[0])
     _, head = prep.build(recipe.head)
     hm = FinetuneHyperModel(prep, FinetuneSearch(), recipe.training, [head])
-    model, _, backbone = hm.member({"ft_blocks": 2, "ft_learning_rate": 1e-3, "ft_augment": 0.5}, 0)
+    member = hm.member(hm.complete({"ft_blocks": 2, "ft_learning_rate": 1e-3, "ft_augment": 0.5}), 0)
+    model, backbone = member.model, member.backbone
     names = [[layer.name for layer in b] for b in blocks_of(backbone, "efficientnet_lite0")]
     assert names[-1][0] == "head_conv" and names[-2][0] == "block15_expand_conv"  # the top blocks, in order
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers}
@@ -191,5 +192,5 @@ def test_finetuning_top_blocks_changes_exactly_their_weighted_non_batchnorm_laye
         if any(not np.array_equal(a, b) for a, b in zip(ws, backbone.get_layer(n).get_weights()))
     }
     assert changed == {"block15_expand_conv", "block15_dwconv", "block15_project_conv", "head_conv"}
-    frozen, _, frozen_backbone = hm.member({"ft_blocks": 0, "ft_learning_rate": 1e-3, "ft_augment": 0.0}, 0)
-    assert not frozen_backbone.trainable_weights and frozen.trainable_weights  # 0 blocks: only the head trains
+    frozen = hm.member(hm.complete({"ft_blocks": 0, "ft_learning_rate": 1e-3, "ft_augment": 0.0}), 0)
+    assert not frozen.backbone.trainable_weights and frozen.model.trainable_weights  # 0 blocks: only the head trains
