@@ -18,6 +18,7 @@ from harness import tracking
 from harness.audit import audit
 from harness.baseline import baseline
 from harness.distributed import Distributed, LocalWorkers, serve
+from harness.ensemble import build_ensembles
 from harness.errors import HarnessError
 from harness.finalize import FinalModel, finish, fit_best, log_final_fit, registered_name
 from harness.finetune import finetune_stage
@@ -460,6 +461,7 @@ def tune(
                 c.set_experiment_tag(exp_id, f"harness.oracle.{dist.port}", "done")  # workers leave
             if local is not None:
                 local.stop()
+        out += build_ensembles(recipe, out)  # the recipe's ensembles of the final models, candidates as well
     return out
 
 
