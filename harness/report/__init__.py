@@ -85,6 +85,7 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
             t = computed[m.key]
             hp = (
                 ", ".join(f"{k[3:]}={v}" for k, v in sorted(m.params.items()) if k.startswith("hp."))
+                or (f"average of {m.tags['ensemble.members']}" if "ensemble.members" in m.tags else "")
                 or f"head {m.params.get('head.units', '?')}, dropout {m.params.get('head.dropout', '?')}, "
                 f"lr {m.params.get('training.learning_rate', '?')} (not tuned)"
             )
@@ -127,6 +128,9 @@ NESTED_SETS = (("nested_tta", "random augmented copies (TTA)"), ("nested_view_tt
 
 def selection(m: ModelResult) -> str:
     """What chose this model: the search objective of its best trial, over the K folds or on the val split."""
+    if "ensemble.members" in m.tags:  # no search: its members' validation predictions averaged chose it
+        objective = m.params.get("search.objective", "val_loss")
+        return f"{objective} {_f(m.metrics.get(f'search.{objective}'))} of its members' validation predictions"
     if not m.search:
         return "not searched"
     objective = m.search.data.params.get("search.objective", "val_loss")

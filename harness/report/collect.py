@@ -162,5 +162,6 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                 )
             )
     skipped = {k.removeprefix("harness.skipped."): v for k, v in exp.tags.items() if k.startswith("harness.skipped.")}
-    missing = [f"{k} (skipped: {skipped[k]})" if k in skipped else k for k in (expected or []) if k not in chosen]
+    expected = [*(expected or []), *(k for k in skipped if k not in (expected or []))]  # a skipped ensemble too
+    missing = [f"{k} (skipped: {skipped[k]})" if k in skipped else k for k in expected if k not in chosen]
     return Study(study, exp.experiment_id, models, missing, finals)
