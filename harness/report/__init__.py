@@ -279,13 +279,9 @@ def _finetune(models: list[ModelResult]) -> list:
         s = m.search.data
         objective = s.params.get("search.objective", "val_loss")
         ft = [r for r in m.trials if r.get("stage") == "finetune"]
-        best = (
-            min(ft, key=lambda r: r["objective"])
-            if ft and minimised(objective)
-            else max(ft, key=lambda r: r["objective"])
-            if ft
-            else {}
-        )
+        kept = [r for r in ft if not r.get("pruned")]  # a pruned trial's objective is of fewer epochs: never the best
+        best = (min if minimised(objective) else max)(kept, key=lambda r: r["objective"]) if kept else {}
+        pruned = len(ft) - len(kept)
         rows.append(
             [
                 m.key,
@@ -293,8 +289,8 @@ def _finetune(models: list[ModelResult]) -> list:
                 _f(s.metrics.get(f"finetune.best_{objective}"), 4),
                 _f(s.metrics.get(f"finetune.bar_{objective}"), 4),
                 s.params.get("search.finetune.accept", "any_gain"),
-                len(ft),
-                ", ".join(f"{k}={best[k]}" for k in ("ft_blocks", "ft_learning_rate", "ft_augment") if k in best),
+                f"{len(ft)} ({pruned} pruned)" if pruned else len(ft),
+                ", ".join(f"{k.removeprefix('ft_')}={v}" for k, v in best.items() if k.startswith("ft_")),
                 "yes" if s.tags["finetune.chosen"] == "true" else "no: the head-only model stays",
             ]
         )
@@ -303,8 +299,9 @@ def _finetune(models: list[ModelResult]) -> list:
     return [
         h("Fine-tuning stage", 3),
         p(
-            "From the best head, a second search over the backbone's unfrozen top blocks (0 = frozen), their "
-            "learning rate and augmentation strength, on the same folds; its best trial replaces the head-only model "
+            "From the best head, a second search over how much of the backbone to unfreeze (0 = frozen, top blocks, "
+            "half or all), its learning rate and augmentation strength, on the same folds (a trial pruned by the "
+            "median rule is counted, never chosen); its best trial replaces the head-only model "
             "only when it beats the bar on the same validation images: the head-only objective itself (any_gain), or "
             "that objective moved by one standard error of the best trial's fold mean (one_se), because the best of "
             "several trials on the folds the head was chosen on is flattered by the choice."

@@ -88,6 +88,7 @@ def _trials(client, parent: Run) -> list[dict]:
                 "objective": r.data.metrics.get(f"best_{objective}", float("nan")),
                 "seconds": r.data.metrics.get("trial_seconds", float("nan")),
                 "stage": r.data.tags.get("stage", "head"),
+                "pruned": r.data.tags.get("pruned") == "true",
                 **{k[3:]: v for k, v in r.data.params.items() if k.startswith("hp.")},
             }
         )
