@@ -129,22 +129,39 @@ def _overrides(**kw) -> dict:
     return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
 
 
-def _load(recipe: Path, overrides: dict, model_overrides: dict | None = None):
+def _load(recipe: Path, overrides: dict):
     """Load a recipe with overrides. --epochs also reaches models that carry their own `training` block (the seed
     recipe's do), since a model's block would otherwise silently win over the recipe-level value."""
     from harness.recipe import load_recipe
 
     base = load_recipe(recipe, overrides)
-    extra = dict(model_overrides or {})
-    if "training.epochs" in overrides:
-        extra.update(
-            {
-                f"models.{i}.training.epochs": overrides["training.epochs"]
-                for i, m in enumerate(base.models)
-                if m.training is not None
-            }
-        )
+    if "training.epochs" not in overrides:
+        return base
+    extra = {
+        f"models.{i}.training.epochs": overrides["training.epochs"]
+        for i, m in enumerate(base.models)
+        if m.training is not None
+    }
     return load_recipe(recipe, {**overrides, **extra}) if extra else base
+
+
+def _one_model(recipe: Path, overrides: dict, chosen, backbone: str | None, weights: str | None):
+    """The recipe narrowed to the one model `train` trains, with --backbone / --weights applied to it.
+
+    The other models and the ensembles are left out because `train` trains this configuration alone: the override
+    may give it another model's key (task2-efficientnet_lite0 on efficientnet_lite2 is task2-efficientnet_lite2),
+    which is no clash for a run that trains only it, and a recipe-level check the options broke would otherwise be
+    reported against the recipe file. A value the recipe's schema refuses is reported against the option."""
+    from harness.recipe import load_recipe
+
+    given = {k: v for k, v in (("backbone", backbone), ("weights", weights)) if v is not None}
+    raw = {**chosen.model_dump(mode="json", exclude_unset=True), **given}
+    try:
+        return load_recipe(recipe, {**overrides, "models": [raw], "ensembles": []})
+    except HarnessError as e:
+        options = " ".join(f"--{k} {v}" for k, v in given.items())
+        why = str(e).removeprefix(f"{recipe}: ").replace("models.0.", "")
+        raise HarnessError(f"{options}: not a valid override of model {chosen.key} ({why})") from None
 
 
 @app.command()
@@ -152,7 +169,7 @@ def _load(recipe: Path, overrides: dict, model_overrides: dict | None = None):
 def train(
     recipe: RecipeArg,
     model: Annotated[str | None, typer.Option(help="Model name (task-backbone); default the first.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Override the model's backbone.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Train the model on this backbone instead.")] = None,
     weights: Annotated[str | None, typer.Option(help="imagenet | none | path to a weights file.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override data.image_size.")] = None,
@@ -162,10 +179,12 @@ def train(
     from harness.train import train as train_fn
 
     overrides = _overrides(data_root=data_root, image_size=image_size, epochs=epochs)
-    base = _load(recipe, overrides)
-    index = base.models.index(base.model(model))
-    r = _load(recipe, overrides, {f"models.{index}.backbone": backbone, f"models.{index}.weights": weights})
-    run_id = train_fn(r, r.models[index].key)
+    r = _load(recipe, overrides)
+    chosen = r.model(model)
+    if backbone is not None or weights is not None:
+        r = _one_model(recipe, overrides, chosen, backbone, weights)
+        chosen = r.models[0]
+    run_id = train_fn(r, chosen.key)
     _print_store(r.study, f"run {run_id}")
 
 

@@ -1,5 +1,7 @@
 """One tracked training run through the CLI: params, metrics, tags, artifacts, and a model that reloads and predicts."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ from typer.testing import CliRunner
 
 import harness
 from harness.cli import app
+
+ROOT = Path(harness.__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -97,3 +101,35 @@ def test_augmentation_bypasses_the_cache_and_stays_out_of_the_logged_model(tmp_p
     assert not any(isinstance(layer, keras.layers.RandomRotation) or layer.name == "augment" for layer in model.layers)
     x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(model(x, training=True)), np.asarray(model(x, training=False)), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_backbone_override_trains_that_model_on_the_new_backbone_even_when_its_key_is_another_models(
+    tmp_path, mlflow_client
+):
+    from conftest import write_recipe
+
+    # The recipe also holds task2-efficientnet_lite1, the key the override gives the first model.
+    models = [{"task": "task2", "backbone": f"efficientnet_lite{v}", "weights": "imagenet"} for v in (0, 1)]
+    models[0]["head"] = {"pooling": "avg", "units": [8], "dropout": 0.0}  # the first model's own head: it is kept
+    path = write_recipe(tmp_path / "two.yaml", models=models, **{"training.epochs": 1})
+    res = CliRunner().invoke(
+        app, ["train", str(path), "--model", "task2-efficientnet_lite0", "--backbone", "efficientnet_lite1"]
+    )
+    assert res.exit_code == 0, res.output
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert (
+        run.data.tags["backbone"] == "efficientnet_lite1" and run.data.params["model.backbone"] == "efficientnet_lite1"
+    )
+    assert run.data.params["head.units"] == "[8]"
+
+
+def test_a_backbone_override_the_schema_refuses_is_blamed_on_the_option_not_the_recipe(tmp_path):
+    res = CliRunner().invoke(
+        app, ["train", str(ROOT / "recipes" / "demo.yaml"), "--model", "task2-efficientnet_lite0", "--backbone", "x"]
+    )
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: --backbone x: not a valid override of model task2-efficientnet_lite0 (")
+    assert "demo.yaml" not in lines[0] and "Traceback" not in res.output
