@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,18 +223,67 @@ def _current(c, task_name: str) -> Candidate | None:
 
 
 def image_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """Image files named or found (recursively, sorted) in folders; a path that does not exist is a problem."""
-    from harness.data.scan import IMAGE_EXTS
-
+    """Image files named or found (recursively, sorted) in folders, and one line per path that cannot be followed:
+    a path that does not exist, a broken symbolic link (dangling, or a loop of links), a folder that cannot be
+    listed, a link back to a folder it is inside (followed once, not forever)."""
     files, problems = [], []
     for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            found: list[Path] = []
+            _walk(p, {_inode(p): p}, found, problems)
+            files += sorted(found)
         elif p.is_file():
             files.append(p)
+        elif p.is_symlink():
+            problems.append(_broken_link(p))
         else:
             problems.append(f"{p}: no such file or folder")
     return files, problems
+
+
+def _inode(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_dev, st.st_ino
+
+
+def _broken_link(p: Path) -> str:
+    try:
+        p.stat()
+    except OSError as e:
+        return f"{p}: broken symbolic link ({e.strerror or e})"
+    return f"{p}: not a file or folder"
+
+
+def _walk(folder: Path, ancestors: dict[tuple[int, int], Path], found: list[Path], problems: list[str]) -> None:
+    """Image files under `folder`, following symbolic links (a linked folder of images is searched like any other).
+    `ancestors` are the folders above on this path, by inode, so a link back to one of them is named, not walked
+    in a circle."""
+    from harness.data.scan import IMAGE_EXTS
+
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        problems.append(f"{folder}: cannot be listed ({e.strerror or e})")
+        return
+    for f in entries:
+        try:
+            st = f.stat()
+        except OSError as e:  # os.DirEntry-style is_file()/is_dir() would answer False here and skip it unseen
+            problems.append(
+                f"{f}: broken symbolic link ({e.strerror or e})" if f.is_symlink() else f"{f}: {e.strerror or e}"
+            )
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                problems.append(f"{f}: symbolic link loop (leads back to {ancestors[key]}), not followed")
+            else:
+                _walk(f, {**ancestors, key: f}, found, problems)
+        elif f.suffix.lower() in IMAGE_EXTS:
+            if stat.S_ISREG(st.st_mode):
+                found.append(f)
+            else:  # a pipe or a device: reading it could block, and it is no image file
+                problems.append(f"{f}: not a regular file")
 
 
 def load_for_images(model_uri: str):

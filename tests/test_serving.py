@@ -1,6 +1,7 @@
 """The winners as standard MLflow models: they load and serve in processes that cannot import the harness, the
 champion alias follows the validation objective (never test), `harness predict` reads folders, naming bad files."""
 
+import errno
 import json
 import os
 import socket
@@ -251,3 +252,47 @@ def test_explain_writes_an_overlay_per_image_with_its_lung_field_share(served_st
     assert Image.open(overlays[0]).size == Image.open(files[0]).size
     colour = np.asarray(Image.open(overlays[0])).astype(int)
     assert np.abs(colour[..., 0] - colour[..., 2]).max() > 0  # a colour map laid over a grey image
+
+
+def _folder_with_broken_links(served_study, tmp_path) -> Path:
+    """The served images, plus a dangling link, a loop of two links, and a link back to the folder itself."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in sorted(served_study["images"].iterdir()):
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "gone.png").symlink_to(folder / "deleted.png")
+    (folder / "ping").symlink_to(folder / "pong")
+    (folder / "pong").symlink_to(folder / "ping")
+    (folder / "again").symlink_to(folder)
+    return folder
+
+
+BROKEN = {"gone.png": errno.ENOENT, "ping": errno.ELOOP, "pong": errno.ELOOP}  # each link's error on stat
+
+
+@pytest.mark.slow
+def test_predict_names_each_broken_symbolic_link_and_a_link_loop_and_predicts_the_rest(served_study, tmp_path):
+    folder = _folder_with_broken_links(served_study, tmp_path)
+    res = CliRunner().invoke(
+        app, ["predict", "models:/tiny-task2@champion", str(folder), "--out", str(tmp_path / "p.csv")]
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    errors = sorted(ln for ln in res.output.splitlines() if ln.startswith("error:"))
+    assert errors == sorted(
+        [f"error: {folder / name}: broken symbolic link ({os.strerror(code)})" for name, code in BROKEN.items()]
+        + [f"error: {folder / 'again'}: symbolic link loop (leads back to {folder}), not followed"]
+    )
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert sorted(Path(f).name for f in table["file"]) == sorted(f.name for f in served_study["images"].iterdir())
+
+
+@pytest.mark.slow
+def test_explain_names_each_broken_symbolic_link_and_a_link_loop(served_study, tmp_path):
+    folder = _folder_with_broken_links(served_study, tmp_path)
+    res = CliRunner().invoke(
+        app, ["explain", "models:/tiny-task2@champion", str(folder), "--out", str(tmp_path / "cams")]
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    named = sorted(ln.split(": ")[1] for ln in res.output.splitlines() if ln.startswith("error:"))
+    assert named == sorted(str(folder / name) for name in [*BROKEN, "again"])
+    assert len(list((tmp_path / "cams").glob("*.gradcam.png"))) == len(list(served_study["images"].iterdir()))
