@@ -70,14 +70,21 @@ def server(
 
 
 def ui_url(port: int = 5000, study: str | None = None) -> str:
-    """Where the UI of the harness store will answer: its study's runs table when the study exists."""
+    """Where the UI of the harness store will answer: its study's runs table. A study the store does not hold is
+    refused (naming the studies it holds) before any server starts."""
     url = f"http://127.0.0.1:{port}"
     if study:
         from harness import tracking
+        from harness.errors import HarnessError
 
-        exp = tracking.client().get_experiment_by_name(study)
-        if exp is not None:
-            url += f"/#/experiments/{exp.experiment_id}/runs"
+        client = tracking.client()
+        exp = client.get_experiment_by_name(study)
+        if exp is None:
+            # MLflow's "Default" experiment exists in every store; no harness command writes to it.
+            studies = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+            held = f"studies here: {', '.join(studies)}" if studies else "it holds no study yet"
+            raise HarnessError(f"--study {study}: no such study in {get_paths().tracking_uri} ({held})")
+        url += f"/#/experiments/{exp.experiment_id}/runs"
     return url
 
 
