@@ -17,8 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness import tfquiet
 from harness.errors import HarnessError
 from harness.resume import Interrupted, graceful_interrupts
+
+# Before any command imports TensorFlow: its start-up lines are noise to a user, and HARNESS_DEBUG=1 keeps them.
+if not os.environ.get("HARNESS_DEBUG"):
+    tfquiet.install()
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0]

@@ -1,8 +1,17 @@
-"""The CLI's own surface: `harness ui` checks its study before any server starts."""
+"""The CLI's own surface: no TensorFlow start-up lines in a command's output (other stderr lines kept), and
+`harness ui` checks its study before any server starts."""
+
+import os
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
 from harness.cli import app
+
+from conftest import spawn_cli
+
+START_UP = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog() is called")
 
 
 def _no_server(monkeypatch) -> list:
@@ -34,3 +43,26 @@ def test_ui_with_a_known_study_prints_its_runs_table_and_starts_the_server(monke
     assert res.exit_code == 0, res.output
     assert f"http://127.0.0.1:5077/#/experiments/{experiment_id}/runs" in res.output
     assert len(started) == 1 and started[0][started[0].index("--port") + 1] == "5077"
+
+
+def test_a_command_that_loads_tensorflow_prints_none_of_its_start_up_lines(tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_DEBUG", raising=False)
+    proc = spawn_cli(["weights", "list"], tmp_path / "home")  # builds Keras models: TensorFlow is imported
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "efficientnet_lite0" in output, output
+    assert [line for line in START_UP if line in output] == []
+
+
+def test_the_quiet_tensorflow_import_keeps_every_other_stderr_line(tmp_path, monkeypatch):
+    """A stand-in `tensorflow` writes the start-up lines and a real one to file descriptor 2, as the C++ side does."""
+    monkeypatch.delenv("HARNESS_DEBUG", raising=False)
+    fake = tmp_path / "fake" / "tensorflow"
+    fake.mkdir(parents=True)
+    lines = [f"WARNING: {START_UP[1]} are written to STDERR", f"I0000 port.cc:153] {START_UP[0]}.", "real trouble"]
+    written = "".join(f"{line}\n" for line in lines).encode()
+    (fake / "__init__.py").write_text(f"import os\nos.write(2, {written!r})\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run(
+        [sys.executable, "-c", "import harness.cli, tensorflow"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and res.stderr == "real trouble\n", res.stderr
