@@ -25,7 +25,7 @@ import harness  # noqa: F401  (thread settings before TensorFlow)
 from harness.cli import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
-log = logging.getLogger("bench.finetune")
+log = logging.getLogger("harness.bench.finetune")  # under harness: the CLI's logging shows it
 
 
 def oof(models, x, folds, n_classes, idx_of=lambda f: f.val):
