@@ -157,10 +157,35 @@ def fingerprint(r, m, prep=None) -> dict[str, str]:
         "head and training": _digest(
             {"head": r.head_for(m).model_dump(mode="json"), "training": r.training_for(m).model_dump(mode="json")}
         ),
-        "fine-tuning": _digest(r.finetune_for(m).model_dump(mode="json") if r.finetune_for(m) else None),
+        "fine-tuning": _digest(finetune_settings(r.finetune_for(m))),
         "nested estimate": str(r.search.nested_cv),
         "evaluation": _digest(r.evaluation.model_dump(mode="json")),
     }
+
+
+# Fine-tuning options that came after stores were written (whole-backbone fine-tuning): at their defaults they are
+# left out of the fingerprint, so a study begun before them still resumes; set to anything else, they count.
+LATER_FINETUNE_OPTIONS = (
+    "lr_decay",
+    "warmup_epochs",
+    "schedule",
+    "label_smoothing",
+    "ema",
+    "patience",
+    "cache",
+    "cache_views",
+    "prune",
+    "prune_after",
+    "prune_min_trials",
+)
+
+
+def finetune_settings(cfg) -> dict | None:
+    if cfg is None:
+        return None
+    settings = cfg.model_dump(mode="json")
+    defaults = type(cfg)().model_dump(mode="json")
+    return {k: v for k, v in settings.items() if k not in LATER_FINETUNE_OPTIONS or v != defaults[k]}
 
 
 def changed_parts(old: dict[str, str], new: dict[str, str]) -> list[str]:

@@ -248,3 +248,17 @@ def test_patience_stops_when_the_folds_objective_stops_improving():
     assert moved == 0 and r.stopped == "early" and r.epochs == 3  # epoch 1 sets the best, two more without gain
     r, _ = _linear_fit(lr=0.0)
     assert r.stopped is None and r.epochs == 6
+
+
+def test_a_stage_at_the_new_options_defaults_keeps_the_fingerprint_a_store_recorded_before_them(tmp_path):
+    """A study begun before whole-backbone fine-tuning recorded the digest of the stage's settings as they were then;
+    the same recipe must still resume, and setting a new option must count as a change."""
+    from harness.recipe import load_recipe
+    from harness.resume import _digest, fingerprint
+
+    stage = {"blocks": [0, 1], "learning_rate": [0.0001], "augment": [0.0], "epochs": 2, "max_trials": 2}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **{"search.finetune": stage}))
+    before = {**stage, "time_budget_minutes": 15.0, "accept": "one_se"}  # every field the stage had then
+    assert fingerprint(recipe, recipe.models[0])["fine-tuning"] == _digest(before)
+    changed = load_recipe(write_recipe(tmp_path / "c.yaml", **{"search.finetune": {**stage, "ema": [0.9]}}))
+    assert fingerprint(changed, changed.models[0])["fine-tuning"] != _digest(before)
