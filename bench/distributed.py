@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from harness import schema
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,7 +96,7 @@ def search(recipe: Path, home: Path, cache: Path, workers: int, uri: str) -> dic
 
     c = mlflow.MlflowClient(uri)
     exp = c.get_experiment_by_name(yaml.safe_load(recipe.read_text())["study"])
-    trials = c.search_runs([exp.experiment_id], filter_string="tags.`harness.kind` = 'trial'")
+    trials = c.search_runs([exp.experiment_id], filter_string=schema.kind_filter(schema.TRIAL))
     start = min(t.info.start_time for t in trials) / 1000
     end = max(t.info.end_time for t in trials) / 1000
     return {
@@ -102,7 +104,7 @@ def search(recipe: Path, home: Path, cache: Path, workers: int, uri: str) -> dic
         "search_s": end - start,
         "trials_per_min": 60 * len(trials) / (end - start),
         "wall_s": wall,
-        "workers_seen": sorted({t.data.tags.get("worker", "?") for t in trials}),
+        "workers_seen": sorted({t.data.tags.get(schema.WORKER, "?") for t in trials}),
     }
 
 

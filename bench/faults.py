@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import schema
+
 ROOT = Path(__file__).resolve().parents[1]
 # The log line that opens each phase (the harness logs it as the phase starts).
 PHASES = {
@@ -81,24 +83,28 @@ def end_state(home: Path, name: str) -> dict:
     exp = c.get_experiment_by_name(name)
     runs = c.search_runs([exp.experiment_id], max_results=50000)
     models: dict[str, dict] = {}
-    parents = {r.info.run_id: r.data.tags.get("model_key") for r in runs if r.data.tags.get("harness.kind") == "search"}
+    parents = {
+        r.info.run_id: r.data.tags.get(schema.MODEL_KEY) for r in runs if r.data.tags.get(schema.KIND) == schema.SEARCH
+    }
     for r in runs:
         kind, key = (
-            r.data.tags.get("harness.kind"),
-            r.data.tags.get("model_key") or parents.get(r.data.tags.get("mlflow.parentRunId")),
+            r.data.tags.get(schema.KIND),
+            r.data.tags.get(schema.MODEL_KEY) or parents.get(r.data.tags.get(schema.PARENT)),
         )
         if key is None:
             continue
         m = models.setdefault(key, {"trials": {}, "finals": [], "versions": 0, "test": {}})
-        if kind == "trial":
-            tid = f"{r.data.tags.get('stage', 'head')}/{r.data.tags['trial_id']}"
+        if kind == schema.TRIAL:
+            tid = f"{r.data.tags.get(schema.STAGE, 'head')}/{r.data.tags[schema.TRIAL_ID]}"
             m["trials"].setdefault(tid, []).append(
-                (r.info.status, {k: v for k, v in r.data.params.items() if k.startswith("hp.")})
+                (r.info.status, {k: v for k, v in r.data.params.items() if k.startswith(schema.HP)})
             )
-        elif kind == "final":
+        elif kind == schema.FINAL:
             m["finals"].append(r.info.status)
-            m["test"] = {k: v for k, v in r.data.metrics.items() if k in ("test.accuracy", "test.loss")}
-            m["versions"] = len(c.search_model_versions(f"name = '{r.data.tags['registered_model']}'"))
+            m["test"] = {
+                k: v for k, v in r.data.metrics.items() if k in (f"{schema.TEST}accuracy", f"{schema.TEST}loss")
+            }
+            m["versions"] = len(c.search_model_versions(f"name = '{r.data.tags[schema.REGISTERED_MODEL]}'"))
     return {"models": models, "running": sum(r.info.status == "RUNNING" for r in runs)}
 
 

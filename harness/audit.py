@@ -20,7 +20,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import tracking
+from harness import schema, tracking
 from harness.data.splits import cv_folds
 from harness.evaluate import accuracy_ci
 from harness.prepared import Prepared
@@ -93,8 +93,8 @@ def audit(prep: Prepared, parent_run_id: str) -> dict:
         f"audit {prep.mcfg.key}",
         nested=True,
         tags={
-            "harness.kind": "audit",
-            "mlflow.parentRunId": parent_run_id,
+            schema.KIND: schema.AUDIT,
+            schema.PARENT: parent_run_id,
             **tracking.model_tags(prep.recipe, prep.mcfg),
             "audit.signature": ", ".join(names),
         },

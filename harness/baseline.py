@@ -12,7 +12,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import tracking
+from harness import schema, tracking
 from harness.data.splits import cv_folds
 from harness.evaluate import log_predictions, metrics, prediction_rows
 from harness.prepared import Prepared
@@ -55,8 +55,8 @@ def baseline(prep: Prepared, parent_run_id: str) -> dict:
         f"baseline {prep.mcfg.key}",
         nested=True,
         tags={
-            "harness.kind": "baseline",
-            "mlflow.parentRunId": parent_run_id,
+            schema.KIND: schema.BASELINE,
+            schema.PARENT: parent_run_id,
             **tracking.model_tags(prep.recipe, prep.mcfg),
             "baseline": "StandardScaler + LogisticRegression on average-pooled backbone features",
         },
@@ -67,7 +67,7 @@ def baseline(prep: Prepared, parent_run_id: str) -> dict:
             proba = model.predict_proba(x[test_idx])
             m = metrics(t.y[test_idx], proba, t.classes, seed=seed)
             out["test"] = m
-            mlflow.log_metrics({f"test.{k}": v for k, v in m.items() if np.isfinite(v)})
+            mlflow.log_metrics({f"{schema.TEST}{k}": v for k, v in m.items() if np.isfinite(v)})
             rows = prediction_rows(t, test_idx, proba, "test")
         log_predictions(rows)
     return out

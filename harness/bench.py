@@ -15,7 +15,7 @@ import keras
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.paths import get_paths
 from harness.recipe import Recipe, load_recipe, minimised
 
@@ -33,7 +33,7 @@ def peak_rss_mib() -> float:
 
 def _log_bench(name: str, metrics: dict, params: dict) -> None:
     tracking.setup("bench")
-    with tracking.run(name, tags={"harness.kind": "bench", **tracking.device_tags()}):
+    with tracking.run(name, tags={schema.KIND: schema.BENCH, **tracking.device_tags()}):
         mlflow.log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
@@ -226,7 +226,7 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
         "train_images": len(prep.task.splits["train"]),
         "repeats": repeats,
     }
-    with tracking.run(f"trial bench {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}):
+    with tracking.run(f"trial bench {mcfg.key}", tags={schema.KIND: schema.BENCH, **tracking.device_tags()}):
         for pooling in ("avg", "flatten"):
             space = recipe.search.model_copy(
                 update={
@@ -246,7 +246,7 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
                 # so repeats sharing one parent would time a lookup instead of a trial.
                 project = get_paths().tuner_dir / "bench" / f"trial-{pooling}-{r}"
                 shutil.rmtree(project, ignore_errors=True)
-                with tracking.run(f"trial bench {pooling} {r}", nested=True, tags={"harness.kind": "bench"}) as rep:
+                with tracking.run(f"trial bench {pooling} {r}", nested=True, tags={schema.KIND: schema.BENCH}) as rep:
                     tuner = make_tuner(
                         HeadHyperModel(prep, space),
                         space,
@@ -355,15 +355,16 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
             "bootstrap_ci": [t["accuracy_ci_low"], t["accuracy_ci_high"]],
             "exact_ci": [t["accuracy_cp_low"], t["accuracy_cp_high"]],
             "macro_f1": t["macro_f1"],
-            "floor_accuracy": m.baseline.data.metrics.get("test.accuracy") if m.baseline else None,
+            "floor_accuracy": m.baseline.data.metrics.get(f"{schema.TEST}accuracy") if m.baseline else None,
             "p_vs_floor": floor["p_value"] if floor else None,
             "floor": {
-                k: m.baseline.data.metrics.get(f"test.{k}") for k in ("accuracy", "accuracy_cp_low", "accuracy_cp_high")
+                k: m.baseline.data.metrics.get(f"{schema.TEST}{k}")
+                for k in ("accuracy", "accuracy_cp_low", "accuracy_cp_high")
             }
             if m.baseline
             else None,
-            "selection": m.search.data.metrics.get(f"best.{recipe.search.objective}") if m.search else None,
-            "stage": m.tags.get("final.stage", "head"),
+            "selection": m.search.data.metrics.get(f"{schema.BEST}{recipe.search.objective}") if m.search else None,
+            "stage": m.tags.get(schema.FINAL_STAGE, "head"),
             "tta_accuracy": m.metrics.get("test_tta.accuracy"),
             "view_tta_accuracy": m.metrics.get("test_view_tta.accuracy"),
             "nested": metric_set(nested, "nested") if m.nested else None,

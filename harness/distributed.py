@@ -386,24 +386,24 @@ def worker_command(recipe_file: Path, host: str, port: int, only: list[str] | No
 
 def serving_search(study: str, port: int, keys: set[str]) -> tuple[str, str] | None:
     """(model key, search run id) of the search a chief serves on `port` now, among `keys`, or None."""
-    from harness import tracking
+    from harness import schema, tracking
 
     exp = tracking.client().get_experiment_by_name(study)
     if exp is None:
         return None
     runs = tracking.client().search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`harness.kind` = 'search' and tags.`oracle.port` = '{port}' and "
-        f"tags.`oracle.state` = 'serving' and attributes.status = 'RUNNING'",
+        filter_string=f"{schema.kind_filter(schema.SEARCH)} and {schema.tag_filter(schema.ORACLE_PORT, str(port))} and "
+        f"{schema.tag_filter(schema.ORACLE_STATE, 'serving')} and attributes.status = 'RUNNING'",
     )
     for r in runs:
-        if r.data.tags.get("model_key") in keys:
-            return r.data.tags["model_key"], r.info.run_id
+        if r.data.tags.get(schema.MODEL_KEY) in keys:
+            return r.data.tags[schema.MODEL_KEY], r.info.run_id
     return None
 
 
 def study_done(study: str, port: int) -> bool:
-    from harness import tracking
+    from harness import schema, tracking
 
     exp = tracking.client().get_experiment_by_name(study)
-    return exp is not None and exp.tags.get(f"harness.oracle.{port}") == "done"
+    return exp is not None and exp.tags.get(f"{schema.ORACLE_DONE_PREFIX}{port}") == "done"

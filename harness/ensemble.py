@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 import yaml
 
-from harness import tracking
+from harness import schema, tracking
 from harness.data import TaskData, prepare_task
 from harness.errors import HarnessError
 from harness.evaluate import as_proba, confusion_figure, log_predictions, prediction_rows, read_predictions
@@ -60,7 +60,7 @@ def build_ensembles(recipe: Recipe, results: list[dict]) -> list[dict]:
 
 def skip(exp_id: str, e: EnsembleConfig, why: str) -> dict:
     log.warning("skipping the ensemble %s: %s", e.key, why)
-    tracking.client().set_experiment_tag(exp_id, f"harness.skipped.{e.key}", why)
+    tracking.client().set_experiment_tag(exp_id, f"{schema.SKIPPED_PREFIX}{e.key}", why)
     return {"model": e.key, "skipped": why}
 
 
@@ -74,11 +74,11 @@ def member_finals(exp_id: str, e: EnsembleConfig, ran: dict[str, dict]) -> dict 
             continue
         runs = c.search_runs(
             [exp_id],
-            filter_string=f"tags.`harness.kind` = 'final' and tags.model_key = '{k}' and "
+            filter_string=f"{schema.kind_filter(schema.FINAL)} and {schema.tag_filter(schema.MODEL_KEY, k)} and "
             "attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
         )
-        runs = [r for r in runs if r.data.tags.get("registered_model")]  # tuned finals only
+        runs = [r for r in runs if r.data.tags.get(schema.REGISTERED_MODEL)]  # tuned finals only
         if not runs:
             log.info("the ensemble %s waits for its member %s: it has no final model yet", e.key, k)
             return None
@@ -88,7 +88,7 @@ def member_finals(exp_id: str, e: EnsembleConfig, ran: dict[str, dict]) -> dict 
 
 def _val_rows(run) -> bool:
     """Whether a final run has a validation record (`val.*` metrics come with its 'val' prediction rows)."""
-    return any(m.startswith("val.") for m in run.data.metrics)
+    return any(m.startswith(schema.VAL) for m in run.data.metrics)
 
 
 def build(recipe: Recipe, e: EnsembleConfig, finals: dict, exp_id: str) -> dict:
@@ -98,14 +98,15 @@ def build(recipe: Recipe, e: EnsembleConfig, finals: dict, exp_id: str) -> dict:
     c = tracking.client()
     member_runs = ",".join(finals[k].info.run_id for k in e.members)
     summary = {"model": e.key, "best": {"members": list(e.members)}}
-    for r in c.search_runs([exp_id], filter_string=f"tags.`harness.kind` = 'final' and tags.model_key = '{e.key}'"):
+    at = f"{schema.kind_filter(schema.FINAL)} and {schema.tag_filter(schema.MODEL_KEY, e.key)}"
+    for r in c.search_runs([exp_id], filter_string=at):
         if r.info.status == "FINISHED" and r.data.tags.get("ensemble.member_runs") == member_runs:
             log.info("%s: built already (final run %s): skipped", e.key, r.info.run_id)
             return {**summary, "parent_run_id": r.info.run_id, **summary_of(r)}
         if r.info.status != "FINISHED":
             discard(c, r)
-    if f"harness.skipped.{e.key}" in c.get_experiment(exp_id).tags:
-        c.delete_experiment_tag(exp_id, f"harness.skipped.{e.key}")
+    if f"{schema.SKIPPED_PREFIX}{e.key}" in c.get_experiment(exp_id).tags:
+        c.delete_experiment_tag(exp_id, f"{schema.SKIPPED_PREFIX}{e.key}")
     prep = ensemble_prepared(recipe, e, finals)
     with tempfile.TemporaryDirectory() as tmp:
         tables = {k: read_predictions(c, finals[k].info.run_id, str(Path(tmp) / k)) for k in e.members}
@@ -118,7 +119,7 @@ def build(recipe: Recipe, e: EnsembleConfig, finals: dict, exp_id: str) -> dict:
 
 def discard(c, run) -> None:
     """An ensemble run cut short goes, with any model version it registered: the ensemble is built again."""
-    name = run.data.tags.get("registered_model")
+    name = run.data.tags.get(schema.REGISTERED_MODEL)
     if name:
         for v in c.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'"):
             c.delete_model_version(name, v.version)
@@ -172,7 +173,7 @@ def averaged_model(e: EnsembleConfig, finals: dict) -> keras.Model:
     c, members = tracking.client(), []
     for k in e.members:
         run = finals[k]
-        name = run.data.tags["registered_model"]
+        name = run.data.tags[schema.REGISTERED_MODEL]
         versions = c.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
         if not versions:
             raise HarnessError(
@@ -201,16 +202,16 @@ def record(
     register_as = f"{recipe.study}-{e.key}"
     backbones = "+".join(recipe.model(k).backbone for k in e.members)
     tags = {
-        "harness.kind": "final",
-        "study": recipe.study,
-        "task": e.task,
-        "backbone": backbones,
-        "model_key": e.key,
-        "registered_model": register_as,
-        "final.mode": FINAL_MODE,
-        "final.stage": "ensemble",
-        "final.members": str(len(e.members)),
-        "ensemble.members": ",".join(e.members),
+        schema.KIND: schema.FINAL,
+        schema.STUDY: recipe.study,
+        schema.TASK: e.task,
+        schema.BACKBONE: backbones,
+        schema.MODEL_KEY: e.key,
+        schema.REGISTERED_MODEL: register_as,
+        schema.FINAL_MODE: FINAL_MODE,
+        schema.FINAL_STAGE: "ensemble",
+        schema.FINAL_MEMBERS: str(len(e.members)),
+        schema.ENSEMBLE_MEMBERS: ",".join(e.members),
         "ensemble.member_runs": member_runs,
         **tracking.device_tags(),
     }
@@ -218,8 +219,8 @@ def record(
         mlflow.log_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), "recipe.yaml")
         mlflow.log_params(
             {
-                "ensemble.members": ",".join(e.members),
-                "search.objective": objective,
+                schema.ENSEMBLE_MEMBERS: ",".join(e.members),
+                schema.SEARCH_OBJECTIVE: objective,
                 "data.seed": seed,
                 "data.colour": recipe.data.colour,
                 "model.image_size": prep.image_size,
@@ -228,7 +229,7 @@ def record(
         )
         val = log_split_metrics(prep, "val", idx, val_proba, seed)
         score = val[objective.removeprefix("val_")]  # val_loss: the log loss, val_accuracy: the accuracy
-        mlflow.log_metric(f"search.{objective}", score)
+        mlflow.log_metric(f"{schema.SEARCH_PREFIX}{objective}", score)
         test, test_rows = evaluate_test(prep, model, tmp)
         log_predictions(prediction_rows(t, idx, val_proba, "val") + test_rows)
         log_member_artifacts(e, finals, tmp)

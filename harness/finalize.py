@@ -18,7 +18,7 @@ import keras
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.evaluate import as_proba, confusion_figure, log_predictions, metrics, prediction_rows
 from harness.features import extract
 from harness.fit import FitResult, Fold, fit_on, optimizer_factory, predict
@@ -383,7 +383,9 @@ def log_final_fit(final: FinalModel) -> None:
     )
     tracking.log_fit(mean)
     mlflow.log_metric("train_rows", mean.n_train)  # the members' training rows: images, or images x views
-    mlflow.set_tags({"fit.jit": str(mean.jit).lower(), "final.mode": final.mode, "final.members": str(len(r))})
+    mlflow.set_tags(
+        {"fit.jit": str(mean.jit).lower(), schema.FINAL_MODE: final.mode, schema.FINAL_MEMBERS: str(len(r))}
+    )
     if final.mode == "single" and mean.best_epoch is not None:
         mlflow.log_metric("best_epoch", mean.best_epoch)
 

@@ -27,6 +27,7 @@ import keras_tuner as kt
 import mlflow
 import numpy as np
 
+from harness import schema
 from harness.features import features_for
 from harness.finalize import FinalModel
 from harness.fit import FitOptions, FitResult, Fold, evaluate_on, fit_models, fit_on, optimizer_factory, schedule
@@ -328,12 +329,12 @@ def finetune_stage(
     parent_run_id: str | None,
     project_dir,
     resume: bool,
-    prefix: str = "finetune",
+    prefix: str = schema.FINETUNE_PREFIX,
 ) -> tuple[FinalModel, str, dict]:
     """Search fine-tuning from `final`'s heads; return (the final model, "finetune" or "head", the chosen stage-2
     hyperparameters with their objective, empty when head-only stays). Its figures go to the active run under
-    `prefix` (the nested estimate runs one stage per outer fold in one run); `parent_run_id` None: trials
-    untracked."""
+    `prefix`, a dot at its end (the nested estimate runs one stage per outer fold in one run); `parent_run_id`
+    None: trials untracked."""
     space = prep.recipe.search
     objective = space.objective
     start = start_objective(prep, final, objective)
@@ -367,13 +368,13 @@ def finetune_stage(
     better = tuner.oracle.objective.better_than(score, bar)
     mlflow.log_metrics(
         {
-            f"{prefix}.start_{objective}": start,
-            f"{prefix}.best_{objective}": score,
-            f"{prefix}.bar_{objective}": bar,
-            f"{prefix}.trials": len(tuner.oracle.trials),
+            f"{prefix}start_{objective}": start,
+            f"{prefix}best_{objective}": score,
+            f"{prefix}bar_{objective}": bar,
+            f"{prefix}trials": len(tuner.oracle.trials),
         }
     )
-    mlflow.set_tag(f"{prefix}.chosen", str(better).lower())
+    mlflow.set_tag(f"{prefix}chosen", str(better).lower())  # FINETUNE_CHOSEN by default
     if not better:
         log.info(
             "Fine-tuning did not beat the head-only model's %.4f by the %s rule (best %.4f, bar %.4f): the final "

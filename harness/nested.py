@@ -18,7 +18,7 @@ import logging
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.baseline import floor_model
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
@@ -55,12 +55,12 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
     with tracking.run(
         f"nested-cv {mcfg.key}",
         nested=True,
-        tags={"harness.kind": "nested", "mlflow.parentRunId": parent_run_id, **tracking.model_tags(recipe, mcfg)},
+        tags={schema.KIND: schema.NESTED, schema.PARENT: parent_run_id, **tracking.model_tags(recipe, mcfg)},
     ):
         mlflow.log_params(
             {
-                "nested.outer_folds": len(outer),
-                "nested.inner": f"{space.cv_folds} fold(s), {space.max_trials} trials, final {mode}"
+                f"{schema.NESTED_PREFIX}outer_folds": len(outer),
+                f"{schema.NESTED_PREFIX}inner": f"{space.cv_folds} fold(s), {space.max_trials} trials, final {mode}"
                 + (f", fine-tuning stage of up to {ft_cfg.max_trials} trials" if ft_cfg is not None else ""),
             }
         )
@@ -83,9 +83,8 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             final = fit_best(prep, found, space, tcfg, inner, mode, refit_pool=inner_pool)
             if ft_cfg is not None:
                 head[held] = ensemble_predict(prep, final, held)
-                final, stage, _ = finetune_stage(
-                    prep, final, ft_cfg, tcfg, inner, None, outer_dir, resume, prefix=f"outer{o}.finetune"
-                )
+                at = f"outer{o}.{schema.FINETUNE_PREFIX}"
+                final, stage, _ = finetune_stage(prep, final, ft_cfg, tcfg, inner, None, outer_dir, resume, prefix=at)
                 stages.append(stage)
             proba[held] = ensemble_predict(prep, final, held)
             for name, predict_held in averaged.items():
@@ -110,11 +109,11 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
         paired = mcnemar(proba[pool].argmax(1) == t.y[pool], floor[pool].argmax(1) == t.y[pool])
         mlflow.log_metrics(
             {
-                **{f"nested.{k}": v for k, v in m.items() if np.isfinite(v)},
-                **{f"nested.floor.{k}": v for k, v in fm.items() if np.isfinite(v)},
-                "nested.vs_floor.p_value": paired["p_value"],
-                "nested.vs_floor.only_tuned": paired["a_only"],
-                "nested.vs_floor.only_floor": paired["b_only"],
+                **{f"{schema.NESTED_PREFIX}{k}": v for k, v in m.items() if np.isfinite(v)},
+                **{f"{schema.NESTED_PREFIX}floor.{k}": v for k, v in fm.items() if np.isfinite(v)},
+                f"{schema.NESTED_PREFIX}vs_floor.p_value": paired["p_value"],
+                f"{schema.NESTED_PREFIX}vs_floor.only_tuned": paired["a_only"],
+                f"{schema.NESTED_PREFIX}vs_floor.only_floor": paired["b_only"],
             }
         )
         rows = prediction_rows(t, pool, proba[pool], "nested") + prediction_rows(t, pool, floor[pool], "nested_floor")
@@ -124,10 +123,10 @@ def nested_estimate(prep: Prepared, parent_run_id: str, k_outer: int, project_di
             mlflow.log_metrics(
                 {
                     **{f"nested_head.{k}": v for k, v in hm.items() if np.isfinite(v)},
-                    "nested.finetune.outer_chosen": stages.count("finetune"),
-                    "nested.vs_head.p_value": vs_head["p_value"],
-                    "nested.vs_head.only_finetuned": vs_head["a_only"],
-                    "nested.vs_head.only_head": vs_head["b_only"],
+                    f"{schema.NESTED_PREFIX}{schema.FINETUNE_PREFIX}outer_chosen": stages.count("finetune"),
+                    f"{schema.NESTED_PREFIX}vs_head.p_value": vs_head["p_value"],
+                    f"{schema.NESTED_PREFIX}vs_head.only_finetuned": vs_head["a_only"],
+                    f"{schema.NESTED_PREFIX}vs_head.only_head": vs_head["b_only"],
                 }
             )
             rows += prediction_rows(t, pool, head[pool], "nested_head")

@@ -21,7 +21,7 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import tracking
+from harness import schema, tracking
 from harness.data import TaskData, prepare_task
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
@@ -246,7 +246,7 @@ def readout_benchmark(
         "best_minus_reference": best_acc[best] - best_acc[ref],
     }
     tracking.setup("bench")
-    with tracking.run(f"readouts {mcfg.key}", tags={"harness.kind": "bench", **tracking.device_tags()}):
+    with tracking.run(f"readouts {mcfg.key}", tags={schema.KIND: schema.BENCH, **tracking.device_tags()}):
         mlflow.log_params(
             {
                 "model": mcfg.key,

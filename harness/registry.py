@@ -20,7 +20,7 @@ import keras
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.errors import HarnessError
 from harness.recipe import minimised
 
@@ -146,22 +146,27 @@ def crown_champions(study: str, finals: list) -> dict[str, dict]:
     c = tracking.client()
     by_task: dict[str, list[Candidate]] = {}
     for run in finals:
-        name = run.data.tags.get("registered_model")
-        objective = next((k.removeprefix("search.") for k in run.data.metrics if k.startswith("search.val_")), None)
+        name = run.data.tags.get(schema.REGISTERED_MODEL)
+        found = (
+            k.removeprefix(schema.SEARCH_PREFIX)
+            for k in run.data.metrics
+            if k.startswith(f"{schema.SEARCH_PREFIX}val_")
+        )
+        objective = next(found, None)
         if not name or objective is None:
             continue  # a `harness train` run: not registered, nothing chose it
         versions = c.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
         if not versions:
             continue
-        by_task.setdefault(run.data.tags["task"], []).append(
+        by_task.setdefault(run.data.tags[schema.TASK], []).append(
             Candidate(
-                run.data.tags["task"],
-                run.data.tags["model_key"],
+                run.data.tags[schema.TASK],
+                run.data.tags[schema.MODEL_KEY],
                 name,
                 versions[0].version,
                 run.info.run_id,
                 objective,
-                float(run.data.metrics[f"search.{objective}"]),
+                float(run.data.metrics[f"{schema.SEARCH_PREFIX}{objective}"]),
             )
         )
     out = {}

@@ -20,7 +20,7 @@ import keras_tuner as kt
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.fit import FitResult, Fold, fit_on, optimizer_factory
@@ -29,7 +29,7 @@ from harness.recipe import FloatRange, HeadConfig, SearchConfig, minimised
 from harness.resume import STOP, atomic_json, check_interrupt
 
 log = logging.getLogger(__name__)
-PRUNED = "pruned"  # the tag of a trial run, and the metric of a Keras Tuner trial, that pruning stopped early
+PRUNED = schema.PRUNED  # the tag of a trial run, and the metric of a Keras Tuner trial, that pruning stopped early
 
 
 def clean_values(values: dict) -> dict:
@@ -228,29 +228,30 @@ class TrackedTuner(kt.Tuner):
                 return self._run(trial, None)
             # Asked afresh for every trial: with several workers, another process may have recorded it meanwhile.
             done = trial_runs(self.parent_run_id, self.hypermodel.stage).get(trial.trial_id)
-            if done is not None and done.info.status == "FINISHED" and f"best_{objective}" in done.data.metrics:
+            complete = done is not None and f"{schema.TRIAL_BEST}{objective}" in done.data.metrics
+            if complete and done.info.status == "FINISHED":
                 m = done.data.metrics
                 log.info(
                     "%s trial %s: recorded already (%s %.4f), not run again",
                     self.hypermodel.stage,
                     trial.trial_id,
                     objective,
-                    m[f"best_{objective}"],
+                    m[f"{schema.TRIAL_BEST}{objective}"],
                 )
                 return {
-                    objective: m[f"best_{objective}"],
+                    objective: m[f"{schema.TRIAL_BEST}{objective}"],
                     "best_epoch": m.get("best_epoch", 0.0),
-                    "cv_std": m.get(f"cv_std_{objective}", 0.0),
+                    "cv_std": m.get(f"{schema.CV_STD}{objective}", 0.0),
                     **({PRUNED: 1.0} if done.data.tags.get(PRUNED) == "true" else {}),
                 }
             if done is not None:  # cut short by a kill or a failure: its partial record makes way for the rerun
                 tracking.client().delete_run(done.info.run_id)
             tags = {
-                "harness.kind": "trial",
-                "trial_id": trial.trial_id,
-                "stage": self.hypermodel.stage,
-                "mlflow.parentRunId": self.parent_run_id,
-                "worker": self.worker or "local",
+                schema.KIND: schema.TRIAL,
+                schema.TRIAL_ID: trial.trial_id,
+                schema.STAGE: self.hypermodel.stage,
+                schema.PARENT: self.parent_run_id,
+                schema.WORKER: self.worker or "local",
                 **{k: str(v) for k, v in trial.hyperparameters.values.items() if k.startswith("tuner/")},
             }
             with tracking.run(f"{self.hypermodel.stage} trial {trial.trial_id}", nested=True, tags=tags) as active:
@@ -293,7 +294,7 @@ class TrackedTuner(kt.Tuner):
             if pruned:  # a finished run, marked: its objective is that of the epochs it ran, and it is never chosen
                 mlflow.set_tag(PRUNED, "true")
             train_s = results[0].seconds
-            mlflow.log_params({f"hp.{k}": v for k, v in values.items()})
+            mlflow.log_params({f"{schema.HP}{k}": v for k, v in values.items()})
             tracking.log_fit(mean_result(results), offset=initial, run_id=run_id)
             mlflow.log_metrics(
                 {
@@ -301,11 +302,12 @@ class TrackedTuner(kt.Tuner):
                     "best_epoch": initial + score.epoch,
                     "images_per_s": sum(r.n_train for r in results) * (epochs - initial) / train_s,
                     "folds": len(results),
-                    f"cv_std_{objective}": score.std,
+                    f"{schema.CV_STD}{objective}": score.std,
                     **{f"fold{k}.{objective}": v for k, v in enumerate(score.per_fold)},
                 }
             )
-            mlflow.log_metric(f"best_{objective}", score.value)  # last: its presence marks a complete record
+            # last: its presence marks a complete record
+            mlflow.log_metric(f"{schema.TRIAL_BEST}{objective}", score.value)
         log.info(
             "%s trial %s: %s %.4f%s in %.1f s%s  %s",
             self.hypermodel.stage,
@@ -339,10 +341,10 @@ def trial_runs(parent_run_id: str, stage: str = "head") -> dict:
     """trial_id -> the run already recorded for that trial of one stage under a search run (deleted runs aside)."""
     runs = tracking.client().search_runs(
         [mlflow.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`harness.kind` = 'trial'",
+        filter_string=f"{schema.parent_filter(parent_run_id)} and {schema.kind_filter(schema.TRIAL)}",
         max_results=50000,
     )
-    return {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("stage", "head") == stage}
+    return {r.data.tags[schema.TRIAL_ID]: r for r in runs if r.data.tags.get(schema.STAGE, "head") == stage}
 
 
 def mark_orphans_killed(parent_run_id: str, trials: bool = True) -> int:
@@ -350,8 +352,8 @@ def mark_orphans_killed(parent_run_id: str, trials: bool = True) -> int:
     `trials` False, trial runs are left to the workers that may still be running them."""
     c, n = tracking.client(), 0
     exp = mlflow.get_run(parent_run_id).info.experiment_id
-    for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        if r.info.status == "RUNNING" and (trials or r.data.tags.get("harness.kind") != "trial"):
+    for r in c.search_runs([exp], filter_string=schema.parent_filter(parent_run_id)):
+        if r.info.status == "RUNNING" and (trials or r.data.tags.get(schema.KIND) != schema.TRIAL):
             c.set_terminated(r.info.run_id, "KILLED")
             n += 1
     return n

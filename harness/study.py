@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.audit import audit
 from harness.baseline import baseline
 from harness.distributed import Distributed, LocalWorkers, serve
@@ -38,7 +38,8 @@ from harness.search import (
 )
 
 log = logging.getLogger(__name__)
-STAGE_RUNS = ("final", "baseline", "audit", "nested")  # a search's stages after its trials, one run each
+# a search's stages after its trials, one run each
+STAGE_RUNS = (schema.FINAL, schema.BASELINE, schema.AUDIT, schema.NESTED)
 
 
 def search_model(
@@ -88,11 +89,11 @@ def search_model(
     mode = "single" if space.cv_folds == 1 else space.final
     ft_cfg = recipe.finetune_for(mcfg)
     tags = {
-        "harness.kind": "search",
+        schema.KIND: schema.SEARCH,
         **tracking.model_tags(recipe, mcfg),
-        "weights": mcfg.weights,
+        schema.WEIGHTS: mcfg.weights,
         "tuner": space.tuner,
-        "final.mode": mode,
+        schema.FINAL_MODE: mode,
         "recipe.fingerprint": _fingerprint_digest(fp),
     }
     t0 = time.perf_counter()
@@ -123,15 +124,16 @@ def search_model(
                             }
                         }
                     ),
-                    "search.folds_used": len(folds),
+                    f"{schema.SEARCH_PREFIX}folds_used": len(folds),
                 }
             )
-        mlflow.log_metric("search.max_trials_run", max_trials)
+        mlflow.log_metric(f"{schema.SEARCH_PREFIX}max_trials_run", max_trials)
         children = finished_children(pid)
-        if "final" in children:
-            result = summary_of(children["final"])
+        if schema.FINAL in children:
+            result = summary_of(children[schema.FINAL])
             log.info("%s: final model recorded already (run %s)", mcfg.key, result["final_run_id"])
-            best = {k.removeprefix("hp."): v for k, v in children["final"].data.params.items() if k.startswith("hp.")}
+            params = children[schema.FINAL].data.params
+            best = {k.removeprefix(schema.HP): v for k, v in params.items() if k.startswith(schema.HP)}
             t1 = t2 = time.perf_counter()
         else:
             tuner = make_tuner(
@@ -151,16 +153,16 @@ def search_model(
                 serve_search(tuner, dist, pid, mcfg.key, supervise)
             found = best_of(tuner, mcfg.key)
             best, score, epoch = found.values, found.score, found.epoch
-            mlflow.set_tags({f"best.{k}": str(v) for k, v in best.items()})
+            mlflow.set_tags({f"{schema.BEST}{k}": str(v) for k, v in best.items()})
             mlflow.log_metrics(
                 {
                     "search_seconds": time.perf_counter() - t0,
                     "trials_completed": sum(t.status == "COMPLETED" for t in tuner.oracle.trials.values()),
                     "trials_total": len(tuner.oracle.trials),
-                    f"best.{space.objective}": score,
-                    "best.epoch": epoch,
-                    f"best.cv_std_{space.objective}": found.std,
-                    "best.folds": len(folds),
+                    f"{schema.BEST}{space.objective}": score,
+                    f"{schema.BEST}epoch": epoch,
+                    f"{schema.BEST}{schema.CV_STD}{space.objective}": found.std,
+                    f"{schema.BEST}folds": len(folds),
                 }
             )
             t1 = time.perf_counter()
@@ -174,14 +176,14 @@ def search_model(
             t2 = time.perf_counter()
             mlflow.log_metric("refit_total_seconds", t2 - t1)
         check_interrupt()
-        if prep.on_features and "baseline" not in children:
+        if prep.on_features and schema.BASELINE not in children:
             result["baseline"] = baseline(prep, pid)
             mlflow.log_metric("baseline_seconds", time.perf_counter() - t2)
         check_interrupt()
-        if prep.on_features and "audit" not in children:
+        if prep.on_features and schema.AUDIT not in children:
             result["audit"] = audit(prep, pid)
         check_interrupt()
-        if space.nested_cv and "nested" not in children:
+        if space.nested_cv and schema.NESTED not in children:
             t3 = time.perf_counter()
             result["nested"] = nested_estimate(prep, pid, space.nested_cv, project_dir, resuming)
             mlflow.log_metric("nested_seconds", time.perf_counter() - t3)
@@ -194,8 +196,8 @@ def serve_search(tuner, dist: Distributed, parent_id: str, key: str, supervise=N
     run so workers find it; afterwards no trial run is left RUNNING (a worker that died mid-trial leaves one)."""
     c = tracking.client()
     tuner.save()
-    c.set_tag(parent_id, "oracle.port", str(dist.port))
-    c.set_tag(parent_id, "oracle.state", "serving")
+    c.set_tag(parent_id, schema.ORACLE_PORT, str(dist.port))
+    c.set_tag(parent_id, schema.ORACLE_STATE, "serving")
     log.info(
         "Serving the %s search on %s:%d to %s",
         key,
@@ -206,7 +208,7 @@ def serve_search(tuner, dist: Distributed, parent_id: str, key: str, supervise=N
     try:
         summary = serve(tuner.oracle, dist, supervise)
     finally:
-        c.set_tag(parent_id, "oracle.state", "done")
+        c.set_tag(parent_id, schema.ORACLE_STATE, "done")
         mark_orphans_killed(parent_id)
     if summary["abort"]:
         raise HarnessError(
@@ -314,9 +316,9 @@ def finished_children(parent_run_id: str) -> dict:
     """kind -> the FINISHED final / baseline / nested run of a search (at most one each survives a resume)."""
     exp = mlflow.get_run(parent_run_id).info.experiment_id
     runs = tracking.client().search_runs(
-        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"
+        [exp], filter_string=f"{schema.parent_filter(parent_run_id)} and attributes.status = 'FINISHED'"
     )
-    return {r.data.tags["harness.kind"]: r for r in runs if r.data.tags.get("harness.kind") in STAGE_RUNS}
+    return {r.data.tags[schema.KIND]: r for r in runs if r.data.tags.get(schema.KIND) in STAGE_RUNS}
 
 
 def discard_unfinished(parent_run_id: str) -> None:
@@ -324,10 +326,10 @@ def discard_unfinished(parent_run_id: str) -> None:
     so the resumed search ends with exactly one of each."""
     c = tracking.client()
     exp = mlflow.get_run(parent_run_id).info.experiment_id
-    for r in c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        kind = r.data.tags.get("harness.kind")
-        if kind in (*STAGE_RUNS, "finetune") and r.info.status != "FINISHED":
-            name = r.data.tags.get("registered_model")
+    for r in c.search_runs([exp], filter_string=schema.parent_filter(parent_run_id)):
+        kind = r.data.tags.get(schema.KIND)
+        if kind in (*STAGE_RUNS, schema.FINETUNE) and r.info.status != "FINISHED":
+            name = r.data.tags.get(schema.REGISTERED_MODEL)
             if name:
                 for v in c.search_model_versions(f"name = '{name}' and run_id = '{r.info.run_id}'"):
                     c.delete_model_version(name, v.version)
@@ -340,24 +342,24 @@ def finished(parent_run_id: str, prep: Prepared) -> dict | None:
     parent = mlflow.get_run(parent_run_id)
     children = finished_children(parent_run_id)
     needed = (
-        {"final"}
-        | ({"baseline", "audit"} if prep.on_features else set())
-        | ({"nested"} if prep.recipe.search.nested_cv else set())
+        {schema.FINAL}
+        | ({schema.BASELINE, schema.AUDIT} if prep.on_features else set())
+        | ({schema.NESTED} if prep.recipe.search.nested_cv else set())
     )
     if parent.info.status != "FINISHED" or not needed <= set(children):
         return None
-    best = {k.removeprefix("best."): v for k, v in parent.data.tags.items() if k.startswith("best.")}
-    return {"model": prep.mcfg.key, "parent_run_id": parent_run_id, "best": best, **summary_of(children["final"])}
+    best = {k.removeprefix(schema.BEST): v for k, v in parent.data.tags.items() if k.startswith(schema.BEST)}
+    return {"model": prep.mcfg.key, "parent_run_id": parent_run_id, "best": best, **summary_of(children[schema.FINAL])}
 
 
 def summary_of(final_run) -> dict:
     m = final_run.data.metrics
     return {
         "final_run_id": final_run.info.run_id,
-        "registered_model": final_run.data.tags.get("registered_model"),
-        "stage": final_run.data.tags.get("final.stage", "head"),
-        "test": {k.removeprefix("test."): v for k, v in m.items() if k.startswith("test.")},
-        "val": {k.removeprefix("val."): v for k, v in m.items() if k.startswith("val.")},
+        "registered_model": final_run.data.tags.get(schema.REGISTERED_MODEL),
+        "stage": final_run.data.tags.get(schema.FINAL_STAGE, "head"),
+        "test": {k.removeprefix(schema.TEST): v for k, v in m.items() if k.startswith(schema.TEST)},
+        "val": {k.removeprefix(schema.VAL): v for k, v in m.items() if k.startswith(schema.VAL)},
     }
 
 
@@ -380,20 +382,20 @@ def record_final(
         f"final {mcfg.key}",
         nested=True,
         tags={
-            "harness.kind": "final",
-            "mlflow.parentRunId": parent_run_id,
+            schema.KIND: schema.FINAL,
+            schema.PARENT: parent_run_id,
             **tracking.model_tags(recipe, mcfg),
-            "registered_model": register_as,
-            "final.stage": stage,
+            schema.REGISTERED_MODEL: register_as,
+            schema.FINAL_STAGE: stage,
         },
     ) as run:
         tracking.log_context(prep)
         mlflow.log_params(tracking.model_params(prep, head_cfg, tcfg))
-        mlflow.log_params({f"hp.{k}": v for k, v in {**best, **ft_best}.items() if k != "objective"})
+        mlflow.log_params({f"{schema.HP}{k}": v for k, v in {**best, **ft_best}.items() if k != "objective"})
         # The validation objective the search chose this model by (the champion rule reads it, never test).
-        mlflow.log_metrics({f"search.{space.objective}": score, "search.epoch": epoch})
+        mlflow.log_metrics({f"{schema.SEARCH_PREFIX}{space.objective}": score, f"{schema.SEARCH_PREFIX}epoch": epoch})
         if ft_best:
-            mlflow.log_metric(f"finetune.{space.objective}", float(ft_best.get("objective", np.nan)))
+            mlflow.log_metric(f"{schema.FINETUNE_PREFIX}{space.objective}", float(ft_best.get("objective", np.nan)))
         log_final_fit(final)
         results = finish(prep, final, register_as=register_as)
     return {
@@ -434,9 +436,9 @@ def tune(
     c = tracking.client()
     for m in models:  # the report says why a model of the recipe has no result, or no longer says it
         if m.key in skipped:
-            c.set_experiment_tag(exp_id, f"harness.skipped.{m.key}", skipped[m.key][:5000])
-        elif f"harness.skipped.{m.key}" in c.get_experiment(exp_id).tags:
-            c.delete_experiment_tag(exp_id, f"harness.skipped.{m.key}")
+            c.set_experiment_tag(exp_id, f"{schema.SKIPPED_PREFIX}{m.key}", skipped[m.key][:5000])
+        elif f"{schema.SKIPPED_PREFIX}{m.key}" in c.get_experiment(exp_id).tags:
+            c.delete_experiment_tag(exp_id, f"{schema.SKIPPED_PREFIX}{m.key}")
     out = []
     with StudyLock(get_paths().tuner_dir / recipe.study, recipe.study):
         local = start_local_workers(recipe, dist, only) if dist is not None and dist.workers else None
@@ -458,7 +460,7 @@ def tune(
                 )
         finally:
             if dist is not None:
-                c.set_experiment_tag(exp_id, f"harness.oracle.{dist.port}", "done")  # workers leave
+                c.set_experiment_tag(exp_id, f"{schema.ORACLE_DONE_PREFIX}{dist.port}", "done")  # workers leave
             if local is not None:
                 local.stop()
         out += build_ensembles(recipe, out)  # the recipe's ensembles of the final models, candidates as well

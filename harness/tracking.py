@@ -20,6 +20,7 @@ import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from harness import schema
 from harness.paths import get_paths
 from harness.resume import pid_alive
 
@@ -89,7 +90,7 @@ def end_orphans(experiment_id: str, kind: str) -> int:
     live processes, of other hosts or without an owner tag are left alone."""
     c, n, host = client(), 0, socket.gethostname()
     for r in c.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`harness.kind` = '{kind}'"
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {schema.kind_filter(kind)}"
     ):
         t = r.data.tags
         if (
@@ -122,8 +123,8 @@ def device_tags() -> dict[str, str]:
         with contextlib.suppress(Exception):
             names.append(tf.config.experimental.get_device_details(g).get("device_name", g.name))
     return {
-        "device": "GPU" if gpus else "CPU",
-        "device.name": ", ".join(names) if names else _cpu_model(),
+        schema.DEVICE: "GPU" if gpus else "CPU",
+        schema.DEVICE_NAME: ", ".join(names) if names else _cpu_model(),
         "device.cpu": _cpu_model(),
         "device.cores": str(os.cpu_count()),
         "device.gpus": str(len(gpus)),
@@ -149,7 +150,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 def model_tags(recipe, mcfg) -> dict[str, str]:
     """The tags that say which model of which study a run belongs to (search, trial, final, baseline, train)."""
-    return {"study": recipe.study, "task": mcfg.task, "backbone": mcfg.backbone, "model_key": mcfg.key}
+    return {
+        schema.STUDY: recipe.study,
+        schema.TASK: mcfg.task,
+        schema.BACKBONE: mcfg.backbone,
+        schema.MODEL_KEY: mcfg.key,
+    }
 
 
 def model_params(prep, head_cfg, tcfg) -> dict[str, str]:
@@ -179,7 +185,7 @@ def log_context(prep) -> None:
             **prep.weights.tags(),
             **model_tags(prep.recipe, prep.mcfg),
             "test_source": t.test_source,
-            "feature_cache": prep.info["feature_cache"],
+            schema.FEATURE_CACHE: prep.info["feature_cache"],
         }
     )
     mlflow.log_text(yaml.safe_dump(prep.recipe.resolved(), sort_keys=False), "recipe.yaml")

@@ -7,7 +7,7 @@ import time
 import keras
 import mlflow
 
-from harness import tracking
+from harness import schema, tracking
 from harness.finalize import fit_and_finish
 from harness.prepared import prepare
 from harness.recipe import Recipe
@@ -19,7 +19,7 @@ def train(recipe: Recipe, model_key: str | None = None) -> str:
     tracking.setup(recipe.study)
     prep = prepare(recipe, mcfg)  # data and weights problems surface here, before any run exists
     head_cfg, tcfg = recipe.head_for(mcfg), recipe.training_for(mcfg)
-    with tracking.run(f"train {mcfg.key}", tags={"harness.kind": "train"}) as active:
+    with tracking.run(f"train {mcfg.key}", tags={schema.KIND: schema.TRAIN}) as active:
         tracking.log_context(prep)
         mlflow.log_params(tracking.model_params(prep, head_cfg, tcfg))
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import keras
 
+from harness import schema
 from harness.errors import HarnessError
 from harness.hashing import sha256_cached
 from harness.paths import get_paths
@@ -101,12 +102,12 @@ class WeightsInfo:
 
     def tags(self) -> dict[str, str]:
         return {
-            "weights": self.kind,
+            schema.WEIGHTS: self.kind,
             "weights_file": self.path or "",
-            "weights_sha256": self.sha256 or "",
+            schema.WEIGHTS_SHA256: self.sha256 or "",
             "weights_source": self.source or "",
             "weights_source_sha256": self.source_sha256 or "",
-            "weights_origin": self.origin,
+            schema.WEIGHTS_ORIGIN: self.origin,
         }
 
 

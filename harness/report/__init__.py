@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from harness import tracking
+from harness import schema, tracking
 from harness.evaluate import confusion_figure, mcnemar, metrics
 from harness.paths import get_paths
 from harness.recipe import minimised
@@ -84,15 +84,17 @@ def _summary(models: list[ModelResult], computed: dict) -> list:
         for m in sorted(ms, key=lambda m: -computed[m.key].get("accuracy", -1)):
             t = computed[m.key]
             hp = (
-                ", ".join(f"{k[3:]}={v}" for k, v in sorted(m.params.items()) if k.startswith("hp."))
-                or (f"average of {m.tags['ensemble.members']}" if "ensemble.members" in m.tags else "")
+                ", ".join(
+                    f"{k.removeprefix(schema.HP)}={v}" for k, v in sorted(m.params.items()) if k.startswith(schema.HP)
+                )
+                or (f"average of {m.tags[schema.ENSEMBLE_MEMBERS]}" if schema.ENSEMBLE_MEMBERS in m.tags else "")
                 or f"head {m.params.get('head.units', '?')}, dropout {m.params.get('head.dropout', '?')}, "
                 f"lr {m.params.get('training.learning_rate', '?')} (not tuned)"
             )
             search_s = m.search.data.metrics.get("search_seconds") if m.search else None
-            sha = m.tags.get("weights_sha256", "")
-            origin = m.tags.get("weights_origin", "")
-            weights = WEIGHTS_WORDS.get(m.tags.get("weights", ""), m.tags.get("weights", "?")) + (
+            sha = m.tags.get(schema.WEIGHTS_SHA256, "")
+            origin = m.tags.get(schema.WEIGHTS_ORIGIN, "")
+            weights = WEIGHTS_WORDS.get(m.tags.get(schema.WEIGHTS, ""), m.tags.get(schema.WEIGHTS, "?")) + (
                 f" ({origin + ', ' if origin and origin != 'random init' else ''}sha256 {sha[:12]})" if sha else ""
             )
             row = [
@@ -128,27 +130,28 @@ NESTED_SETS = (("nested_tta", "random augmented copies (TTA)"), ("nested_view_tt
 
 def selection(m: ModelResult) -> str:
     """What chose this model: the search objective of its best trial, over the K folds or on the val split."""
-    if "ensemble.members" in m.tags:  # no search: its members' validation predictions averaged chose it
-        objective = m.params.get("search.objective", "val_loss")
-        return f"{objective} {_f(m.metrics.get(f'search.{objective}'))} of its members' validation predictions"
+    if schema.ENSEMBLE_MEMBERS in m.tags:  # no search: its members' validation predictions averaged chose it
+        objective = m.params.get(schema.SEARCH_OBJECTIVE, "val_loss")
+        score = m.metrics.get(f"{schema.SEARCH_PREFIX}{objective}")
+        return f"{objective} {_f(score)} of its members' validation predictions"
     if not m.search:
         return "not searched"
-    objective = m.search.data.params.get("search.objective", "val_loss")
-    value = m.search.data.metrics.get(f"best.{objective}")
-    folds = int(m.search.data.metrics.get("best.folds", 1))
-    std = m.search.data.metrics.get(f"best.cv_std_{objective}")
+    objective = m.search.data.params.get(schema.SEARCH_OBJECTIVE, "val_loss")
+    value = m.search.data.metrics.get(f"{schema.BEST}{objective}")
+    folds = int(m.search.data.metrics.get(f"{schema.BEST}folds", 1))
+    std = m.search.data.metrics.get(f"{schema.BEST}{schema.CV_STD}{objective}")
     where = f" ± {_f(std)} over {folds} folds" if folds > 1 else " on the val split"
     return f"{objective} {_f(value)}{where}"
 
 
 def final_words(m: ModelResult) -> str:
-    mode, n = m.tags.get("final.mode", "single"), m.tags.get("final.members", "1")
+    mode, n = m.tags.get(schema.FINAL_MODE, "single"), m.tags.get(schema.FINAL_MEMBERS, "1")
     words = {
         "single": "one head, best val epoch",
         "ensemble": f"{n} fold heads averaged",
         "refit": "refit on train+val",
     }.get(mode, mode)
-    return words + (", fine-tuned" if m.tags.get("final.stage") == "finetune" else "")
+    return words + (", fine-tuned" if m.tags.get(schema.FINAL_STAGE) == "finetune" else "")
 
 
 def _nested(models: list[ModelResult], computed: dict) -> list:
@@ -158,12 +161,12 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
         rows.append(
             [
                 m.key,
-                int(n.get("nested.n", 0)),
-                _acc_cp(n, "nested."),
-                _acc_cp(n, "nested.floor."),
-                int(n.get("nested.vs_floor.only_tuned", 0)),
-                int(n.get("nested.vs_floor.only_floor", 0)),
-                _f(n.get("nested.vs_floor.p_value"), 4),
+                int(n.get(f"{schema.NESTED_PREFIX}n", 0)),
+                _acc_cp(n, schema.NESTED_PREFIX),
+                _acc_cp(n, f"{schema.NESTED_PREFIX}floor."),
+                int(n.get(f"{schema.NESTED_PREFIX}vs_floor.only_tuned", 0)),
+                int(n.get(f"{schema.NESTED_PREFIX}vs_floor.only_floor", 0)),
+                _f(n.get(f"{schema.NESTED_PREFIX}vs_floor.p_value"), 4),
                 f"{_acc_cp(t)} (n={t.get('n')})",
             ]
         )
@@ -188,12 +191,13 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
     tuned = [
         [
             m.key,
-            f"{int(n.get('nested.finetune.outer_chosen', 0))} of {m.nested.data.params.get('nested.outer_folds', '?')}",
+            f"{int(n.get(f'{schema.NESTED_PREFIX}{schema.FINETUNE_PREFIX}outer_chosen', 0))} of "
+            f"{m.nested.data.params.get(f'{schema.NESTED_PREFIX}outer_folds', '?')}",
             _acc_cp(n, "nested_head."),
-            _acc_cp(n, "nested."),
-            int(n.get("nested.vs_head.only_finetuned", 0)),
-            int(n.get("nested.vs_head.only_head", 0)),
-            _f(n.get("nested.vs_head.p_value"), 4),
+            _acc_cp(n, schema.NESTED_PREFIX),
+            int(n.get(f"{schema.NESTED_PREFIX}vs_head.only_finetuned", 0)),
+            int(n.get(f"{schema.NESTED_PREFIX}vs_head.only_head", 0)),
+            _f(n.get(f"{schema.NESTED_PREFIX}vs_head.p_value"), 4),
         ]
         for m in models
         if m.nested is not None and "nested_head.accuracy" in (n := m.nested.data.metrics)
@@ -275,9 +279,9 @@ def _nested(models: list[ModelResult], computed: dict) -> list:
 
 def _finetune(models: list[ModelResult]) -> list:
     rows = []
-    for m in [m for m in models if m.search and "finetune.chosen" in m.search.data.tags]:
+    for m in [m for m in models if m.search and schema.FINETUNE_CHOSEN in m.search.data.tags]:
         s = m.search.data
-        objective = s.params.get("search.objective", "val_loss")
+        objective = s.params.get(schema.SEARCH_OBJECTIVE, "val_loss")
         ft = [r for r in m.trials if r.get("stage") == "finetune"]
         kept = [r for r in ft if not r.get("pruned")]  # a pruned trial's objective is of fewer epochs: never the best
         best = (min if minimised(objective) else max)(kept, key=lambda r: r["objective"]) if kept else {}
@@ -285,13 +289,13 @@ def _finetune(models: list[ModelResult]) -> list:
         rows.append(
             [
                 m.key,
-                _f(s.metrics.get(f"finetune.start_{objective}"), 4),
-                _f(s.metrics.get(f"finetune.best_{objective}"), 4),
-                _f(s.metrics.get(f"finetune.bar_{objective}"), 4),
-                s.params.get("search.finetune.accept", "any_gain"),
+                _f(s.metrics.get(f"{schema.FINETUNE_PREFIX}start_{objective}"), 4),
+                _f(s.metrics.get(f"{schema.FINETUNE_PREFIX}best_{objective}"), 4),
+                _f(s.metrics.get(f"{schema.FINETUNE_PREFIX}bar_{objective}"), 4),
+                s.params.get(f"{schema.SEARCH_PREFIX}finetune.accept", "any_gain"),
                 f"{len(ft)} ({pruned} pruned)" if pruned else len(ft),
-                ", ".join(f"{k.removeprefix('ft_')}={v}" for k, v in best.items() if k.startswith("ft_")),
-                "yes" if s.tags["finetune.chosen"] == "true" else "no: the head-only model stays",
+                ", ".join(f"{k.removeprefix(schema.FT_HP)}={v}" for k, v in best.items() if k.startswith(schema.FT_HP)),
+                "yes" if s.tags[schema.FINETUNE_CHOSEN] == "true" else "no: the head-only model stays",
             ]
         )
     if not rows:
@@ -560,12 +564,13 @@ def _floor(models: list[ModelResult], computed: dict) -> list:
         if res is None:
             continue
         b, t = m.baseline.data.metrics, computed[m.key]
-        diff = t["accuracy"] - b["test.accuracy"]
+        diff = t["accuracy"] - b[f"{schema.TEST}accuracy"]
         rows.append(
             [
                 m.key,
                 f"{_f(b.get('cv_accuracy'))} ± {_f(b.get('cv_accuracy_std'))}",
-                f"{_f(b['test.accuracy'])} [{_f(b.get('test.accuracy_ci_low'))}, {_f(b.get('test.accuracy_ci_high'))}]",
+                f"{_f(b[f'{schema.TEST}accuracy'])} [{_f(b.get(f'{schema.TEST}accuracy_ci_low'))}, "
+                f"{_f(b.get(f'{schema.TEST}accuracy_ci_high'))}]",
                 f"{_f(t['accuracy'])} [{_f(t['accuracy_ci_low'])}, {_f(t['accuracy_ci_high'])}]",
                 f"{diff:+.3f}",
                 res["a_only"],
@@ -613,12 +618,12 @@ def _timing(models: list[ModelResult], study: Study) -> list:
         rows.append(
             [
                 m.key,
-                m.tags.get("device", "?"),
-                m.tags.get("device.name", "?"),
+                m.tags.get(schema.DEVICE, "?"),
+                m.tags.get(schema.DEVICE_NAME, "?"),
                 _f(mt.get("seconds_per_epoch"), 3),
                 _f(mt.get("images_per_s"), 1),
                 _f(mt.get("extract_seconds"), 1),
-                m.tags.get("feature_cache", "?"),
+                m.tags.get(schema.FEATURE_CACHE, "?"),
                 _f(search_s, 1),
                 _f(mt.get("train_seconds"), 1),
             ]
@@ -645,7 +650,9 @@ def _timing(models: list[ModelResult], study: Study) -> list:
     for r in study.device_runs:
         s = r.data.metrics.get("seconds_per_epoch")
         if s:
-            by_key.setdefault(r.data.tags.get("model_key", "?"), {}).setdefault(r.data.tags.get("device", "?"), s)
+            by_key.setdefault(r.data.tags.get(schema.MODEL_KEY, "?"), {}).setdefault(
+                r.data.tags.get(schema.DEVICE, "?"), s
+            )
     side = [
         [k, _f(d["CPU"], 3), _f(d["GPU"], 3), f"{d['CPU'] / d['GPU']:.1f}x"]
         for k, d in sorted(by_key.items())
@@ -762,7 +769,7 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
     ]
     blocks.append(h("Tuning overview", 2))
     for m in [m for m in models if m.head_trials]:
-        objective = m.search.data.params.get("search.objective", "val_loss")
+        objective = m.search.data.params.get(schema.SEARCH_OBJECTIVE, "val_loss")
         blocks.append(img(figures.tuning(m, objective, out / f"tuning-{m.key}.png"), f"Search of {m.key}"))
         top = sorted(
             [r for r in m.head_trials if np.isfinite(r["objective"])],
@@ -791,9 +798,9 @@ def compare(study: str, out: Path | None = None, expected: list[str] | None = No
     tracking.setup(study)
     out = (out or get_paths().reports / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if n := tracking.end_orphans(mlflow.get_experiment_by_name(study).experiment_id, "compare"):
+    if n := tracking.end_orphans(mlflow.get_experiment_by_name(study).experiment_id, schema.COMPARE):
         log.warning("Study %s: %d earlier compare run(s) whose process was killed marked KILLED", study, n)
-    with tracking.run(f"compare {study}", tags={"harness.kind": "compare", "study": study}):
+    with tracking.run(f"compare {study}", tags={schema.KIND: schema.COMPARE, schema.STUDY: study}):
         data.champions = crown_champions(study, [m.run for m in data.models])
         mlflow.set_tags(
             {

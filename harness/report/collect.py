@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.entities import Run
 
-from harness import tracking
+from harness import schema, tracking
 from harness.errors import HarnessError
 from harness.evaluate import read_predictions
 
@@ -76,20 +76,20 @@ def _artifact_json(client, run_id: str, path: str, tmp: Path):
 def _trials(client, parent: Run) -> list[dict]:
     runs = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`harness.kind` = 'trial'",
+        filter_string=f"{schema.parent_filter(parent.info.run_id)} and {schema.kind_filter(schema.TRIAL)}",
     )
-    objective = parent.data.params.get("search.objective", "val_loss")
+    objective = parent.data.params.get(schema.SEARCH_OBJECTIVE, "val_loss")
     rows = []
     for r in runs:
         rows.append(
             {
-                "trial": r.data.tags.get("trial_id", "?"),
+                "trial": r.data.tags.get(schema.TRIAL_ID, "?"),
                 "status": r.info.status,
-                "objective": r.data.metrics.get(f"best_{objective}", float("nan")),
+                "objective": r.data.metrics.get(f"{schema.TRIAL_BEST}{objective}", float("nan")),
                 "seconds": r.data.metrics.get("trial_seconds", float("nan")),
-                "stage": r.data.tags.get("stage", "head"),
-                "pruned": r.data.tags.get("pruned") == "true",
-                **{k[3:]: v for k, v in r.data.params.items() if k.startswith("hp.")},
+                "stage": r.data.tags.get(schema.STAGE, "head"),
+                "pruned": r.data.tags.get(schema.PRUNED) == "true",
+                **{k.removeprefix(schema.HP): v for k, v in r.data.params.items() if k.startswith(schema.HP)},
             }
         )
     return sorted(rows, key=lambda r: r["trial"])
@@ -112,12 +112,12 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
         order_by=["attributes.start_time DESC"],
         max_results=5000,
     )
-    finals = [r for r in runs if r.data.tags.get("harness.kind") in ("final", "train")]
+    finals = [r for r in runs if r.data.tags.get(schema.KIND) in (schema.FINAL, schema.TRAIN)]
     chosen: dict[str, Run] = {}
     for r in finals:  # newest first; a tuned final model beats a plain train run of the same model
-        key = r.data.tags.get("model_key", "?")
+        key = r.data.tags.get(schema.MODEL_KEY, "?")
         if key not in chosen or (
-            chosen[key].data.tags["harness.kind"] == "train" and r.data.tags["harness.kind"] == "final"
+            chosen[key].data.tags[schema.KIND] == schema.TRAIN and r.data.tags[schema.KIND] == schema.FINAL
         ):
             chosen[key] = r
     models = []
@@ -131,18 +131,18 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                 m: [h.value for h in sorted(client.get_metric_history(rid, m), key=lambda h: h.step)]
                 for m in ("loss", "val_loss", "accuracy", "val_accuracy")
             }
-            parent_id = r.data.tags.get("mlflow.parentRunId")
+            parent_id = r.data.tags.get(schema.PARENT)
             parent = client.get_run(parent_id) if parent_id else None
-            children = [b for b in runs if parent_id and b.data.tags.get("mlflow.parentRunId") == parent_id]
-            base = [b for b in children if b.data.tags.get("harness.kind") == "baseline"]
-            nested = [b for b in children if b.data.tags.get("harness.kind") == "nested"]
-            audits = [b for b in children if b.data.tags.get("harness.kind") == "audit"]
+            children = [b for b in runs if parent_id and b.data.tags.get(schema.PARENT) == parent_id]
+            base = [b for b in children if b.data.tags.get(schema.KIND) == schema.BASELINE]
+            nested = [b for b in children if b.data.tags.get(schema.KIND) == schema.NESTED]
+            audits = [b for b in children if b.data.tags.get(schema.KIND) == schema.AUDIT]
             artifacts = {a.path for a in client.list_artifacts(rid)}
             models.append(
                 ModelResult(
                     key=key,
-                    task=r.data.tags.get("task", "?"),
-                    backbone=r.data.tags.get("backbone", "?"),
+                    task=r.data.tags.get(schema.TASK, "?"),
+                    backbone=r.data.tags.get(schema.BACKBONE, "?"),
                     run=r,
                     predictions=read_predictions(client, rid, str(sub)),
                     embeddings={k: emb[k] for k in emb.files},
@@ -162,7 +162,9 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
                     else None,
                 )
             )
-    skipped = {k.removeprefix("harness.skipped."): v for k, v in exp.tags.items() if k.startswith("harness.skipped.")}
+    skipped = {
+        k.removeprefix(schema.SKIPPED_PREFIX): v for k, v in exp.tags.items() if k.startswith(schema.SKIPPED_PREFIX)
+    }
     expected = [*(expected or []), *(k for k in skipped if k not in (expected or []))]  # a skipped ensemble too
     missing = [f"{k} (skipped: {skipped[k]})" if k in skipped else k for k in expected if k not in chosen]
     return Study(study, exp.experiment_id, models, missing, finals)
