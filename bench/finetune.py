@@ -139,11 +139,12 @@ def describe(r: dict) -> str:
 def main(a) -> dict:
     import numpy as np
 
-    from harness.bench import peak_rss_mib, print_rows
     from harness.evaluate import mcnemar
     from harness.prepared import prepare
     from harness.recipe import load_recipe
     from harness.search import search_folds
+
+    from lab import peak_rss_mib, print_rows  # bench/lab.py: bench/ is on sys.path when run as a script
 
     t_start = time.perf_counter()
     recipe_path = a.recipe or ROOT / "recipes" / ("challenge.yaml" if a.data_root else "demo.yaml")

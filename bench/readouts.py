@@ -47,8 +47,9 @@ if __name__ == "__main__":
     a = ap.parse_args()
     setup_logging(logging.INFO)
     from harness.data import data_root
-    from harness.readouts import print_readouts, readout_benchmark
     from harness.recipe import load_recipe
+
+    from readouts_lab import print_readouts, readout_benchmark  # bench/readouts_lab.py, beside this script
 
     try:
         recipe = load_recipe(a.recipe, {"data.root": a.data_root})

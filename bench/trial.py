@@ -10,8 +10,9 @@ import logging
 from pathlib import Path
 
 import harness  # noqa: F401  (thread settings before TensorFlow)
-from harness.bench import main_trial
 from harness.cli import setup_logging
+
+from lab import main_trial  # bench/lab.py: bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 

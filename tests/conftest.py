@@ -16,6 +16,9 @@ import yaml
 import harness.paths  # noqa: F401  imported before any test changes the environment (it reads it once)
 
 REAL_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "covid-xray").resolve()
+# The lab (bench/lab.py, bench/readouts_lab.py) lives outside the installed package, importable as its scripts
+# import it; appended, not inserted, so a script's name there never shadows an installed module.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 @pytest.fixture(scope="session")

@@ -378,8 +378,9 @@ def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and
     from harness.models.backbones import SPECS
     from harness.models.layers import preprocessing
     from harness.prepared import prepare
-    from harness.readouts import TOP, equalised, readouts
     from harness.recipe import load_recipe
+
+    from readouts_lab import TOP, equalised, readouts
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
     prep = prepare(recipe, recipe.model())
@@ -408,7 +409,7 @@ def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and
 
 
 def test_probe_averaged_with_an_identical_readout_scores_as_the_readout_alone():
-    from harness.readouts import probe
+    from readouts_lab import probe
 
     rng = np.random.default_rng(5)
     y = np.repeat(np.arange(3), 20)
