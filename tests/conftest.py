@@ -4,6 +4,7 @@ reaches for ImageNet downloads on the network."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -84,6 +85,47 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def own_store(home: Path, keras_home: Path, cache: Path):
+    """The environment of a store of its own, for a module-scoped study built once: HARNESS_HOME and its SQLite
+    tracking URI, the session's cache, a Keras home and the loopback weights mirror; afterwards every variable is as
+    it was."""
+    keys = ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME", "MLFLOW_TRACKING_URI", "HARNESS_WEIGHTS_MIRROR")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(
+        HARNESS_HOME=str(home),
+        HARNESS_CACHE=str(cache),
+        KERAS_HOME=str(keras_home),
+        HARNESS_WEIGHTS_MIRROR="http://127.0.0.1:9/",
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+    )
+    try:
+        yield home
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_for_ping(port: int, proc: subprocess.Popen, seconds: float, output) -> None:
+    """Until the model server this test started on 127.0.0.1:`port` answers /ping; fails with the server's
+    `output()` if it exits first, or when `seconds` pass."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:  # loopback only: the server this test started
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                return
+        except OSError:
+            assert proc.poll() is None, output()[-3000:]
+            time.sleep(0.5)
+    pytest.fail(f"the model server on port {port} did not answer /ping in {seconds:.0f} s")
 
 
 def spawn_cli(args, home: Path, uri: str | None = None) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from harness.cli import app
 from harness.errors import HarnessError
 from harness.recipe import load_recipe
 
-from conftest import write_recipe
+from conftest import own_store, write_recipe
 
 LITE0, LITE1, ENSEMBLE = "task2-efficientnet_lite0", "task2-efficientnet_lite1", "task2-ensemble"
 TWO_BACKBONES = [
@@ -121,26 +121,13 @@ def test_a_skipped_member_skips_the_ensemble_with_its_reason_on_the_experiment(t
 def ensemble_study(tmp_path_factory, session_cache):
     """Two backbones of task 2 and their ensemble, tuned once in a store of their own."""
     tmp = tmp_path_factory.mktemp("ensemble")
-    keys = ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME", "MLFLOW_TRACKING_URI", "HARNESS_WEIGHTS_MIRROR")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(
-        HARNESS_HOME=str(tmp / "home"),
-        HARNESS_CACHE=str(session_cache),
-        KERAS_HOME=str(tmp / "k"),
-        HARNESS_WEIGHTS_MIRROR="http://127.0.0.1:9/",
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'home' / 'mlflow.db'}",
-    )
-    recipe = write_recipe(
-        tmp / "r.yaml", models=TWO_BACKBONES, ensembles=[{"task": "task2", "members": [LITE0, LITE1]}]
-    )
-    res = CliRunner().invoke(app, ["tune", str(recipe)])
-    assert res.exit_code == 0, res.output
-    yield {"tmp": tmp, "home": tmp / "home", "recipe": recipe, "output": res.output}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with own_store(tmp / "home", tmp / "k", session_cache):
+        recipe = write_recipe(
+            tmp / "r.yaml", models=TWO_BACKBONES, ensembles=[{"task": "task2", "members": [LITE0, LITE1]}]
+        )
+        res = CliRunner().invoke(app, ["tune", str(recipe)])
+        assert res.exit_code == 0, res.output
+        yield {"tmp": tmp, "home": tmp / "home", "recipe": recipe, "output": res.output}
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from typer.testing import CliRunner
 from harness.cli import app
 from harness.recipe import load_recipe
 
-from conftest import write_recipe
+from conftest import own_store, wait_for_ping, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -41,33 +39,20 @@ def demo_clone(tmp_path_factory, session_cache):
         pytest.skip(f"not run from a virtual environment with bin/activate ({sys.prefix})")
     (clone / ".venv").symlink_to(sys.prefix)
     home = clone / ".harness"
-    keys = ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME", "MLFLOW_TRACKING_URI", "HARNESS_WEIGHTS_MIRROR")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(
-        HARNESS_HOME=str(home),
-        HARNESS_CACHE=str(session_cache),
-        KERAS_HOME=str(clone / "keras"),
-        HARNESS_WEIGHTS_MIRROR="http://127.0.0.1:9/",
-        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-    )
-    recipe = write_recipe(
-        clone / "demo.yaml",
-        study=DEMO.study,
-        models=[{"task": "task2", "backbone": "efficientnet_lite0"}],
-        **{
-            "data.synthetic": DEMO.data.synthetic.model_dump(),
-            "data.image_size": DEMO.data.image_size,
-            "search.max_trials": 1,
-        },
-    )
-    res = CliRunner().invoke(app, ["study", str(recipe)])
-    assert res.exit_code == 0, res.output
-    yield clone
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with own_store(home, clone / "keras", session_cache):
+        recipe = write_recipe(
+            clone / "demo.yaml",
+            study=DEMO.study,
+            models=[{"task": "task2", "backbone": "efficientnet_lite0"}],
+            **{
+                "data.synthetic": DEMO.data.synthetic.model_dump(),
+                "data.image_size": DEMO.data.image_size,
+                "search.max_trials": 1,
+            },
+        )
+        res = CliRunner().invoke(app, ["study", str(recipe)])
+        assert res.exit_code == 0, res.output
+        yield clone
 
 
 def _env_as_after_make_demo(clone: Path) -> dict:
@@ -121,16 +106,7 @@ def test_readme_predict_serve_and_curl_blocks_answer_for_a_demo_image(demo_clone
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:  # loopback only: the server this test started
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()[-3000:]
-                time.sleep(1)
-        else:
-            pytest.fail("the README's mlflow models serve did not answer /ping")
+        wait_for_ping(int(port), server, 240, lambda: server.stdout.read())
         res = subprocess.run(
             ["bash", "-e", "-c", client], cwd=demo_clone, env=env, capture_output=True, text=True, timeout=120
         )

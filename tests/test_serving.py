@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 
-from conftest import write_recipe
+from conftest import own_store, wait_for_ping, write_recipe
 
 NO_HARNESS = "import sys\nsys.modules['harness'] = None  # any `import harness` in this process fails\n"
 
@@ -42,33 +41,20 @@ def _no_harness_env(tmp_path: Path, home: Path) -> dict:
 def served_study(tmp_path_factory, session_cache):
     """A tiny study tuned and compared once (so a champion exists), in its own store."""
     tmp = tmp_path_factory.mktemp("serve")
-    keys = ("HARNESS_HOME", "HARNESS_CACHE", "KERAS_HOME", "MLFLOW_TRACKING_URI", "HARNESS_WEIGHTS_MIRROR")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(
-        HARNESS_HOME=str(tmp / "home"),
-        HARNESS_CACHE=str(session_cache),
-        KERAS_HOME=str(tmp / "k"),
-        HARNESS_WEIGHTS_MIRROR="http://127.0.0.1:9/",
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'home' / 'mlflow.db'}",
-    )
-    recipe = write_recipe(tmp / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2})
-    assert CliRunner().invoke(app, ["tune", str(recipe)]).exit_code == 0
-    res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
-    assert res.exit_code == 0, res.output
-    from harness.data import prepare_task
-    from harness.recipe import load_recipe
+    with own_store(tmp / "home", tmp / "k", session_cache):
+        recipe = write_recipe(tmp / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2})
+        assert CliRunner().invoke(app, ["tune", str(recipe)]).exit_code == 0
+        res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
+        assert res.exit_code == 0, res.output
+        from harness.data import prepare_task
+        from harness.recipe import load_recipe
 
-    task = prepare_task(load_recipe(recipe), "task2")
-    images = tmp / "images"
-    images.mkdir()
-    for i in task.splits["test"][:2]:
-        Image.fromarray(task.x[i]).save(images / f"{i}.png")  # as training decoded them: grey, 32 px
-    yield {"tmp": tmp, "home": tmp / "home", "recipe": recipe, "images": images, "classes": task.classes}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        task = prepare_task(load_recipe(recipe), "task2")
+        images = tmp / "images"
+        images.mkdir()
+        for i in task.splits["test"][:2]:
+            Image.fromarray(task.x[i]).save(images / f"{i}.png")  # as training decoded them: grey, 32 px
+        yield {"tmp": tmp, "home": tmp / "home", "recipe": recipe, "images": images, "classes": task.classes}
 
 
 @pytest.fixture(autouse=True)
@@ -154,16 +140,7 @@ def test_served_champion_answers_like_harness_predict_and_keeps_the_grey_policy(
         cwd=tmp_path,
     )
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:  # loopback only: the server this test started
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()[-3000:]
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow models serve did not answer /ping")
+        wait_for_ping(port, proc, 180, lambda: proc.stderr.read())
         body = json.dumps({"inputs": [g.tolist() for g in grey] + [tint.tolist(), pil_grey.tolist()]}).encode()
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
