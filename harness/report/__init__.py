@@ -753,7 +753,10 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
                 )
             )
     blocks.append(h("Training curves", 2))
-    blocks += [img(figures.curves(m, out / f"curves-{m.key}.png"), f"Training curves of {m.key}") for m in models]
+    # An ensemble of backbones trained nothing itself: no curves of its own (its members' are above).
+    blocks += [
+        img(figures.curves(m, out / f"curves-{m.key}.png"), f"Training curves of {m.key}") for m in models if m.history
+    ]
     blocks.append(h("t-SNE of penultimate-layer features", 2))
     blocks += [
         img(
