@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("harness.bench.finetune")  # under harness: the CLI's logging shows it
 
 
-def oof(models, x, folds, n_classes, idx_of=lambda f: f.val):
+def oof(models, x, folds, n_classes):
     """Out-of-fold probabilities: model k on fold k's validation rows of x."""
     import numpy as np
 
@@ -38,7 +38,7 @@ def oof(models, x, folds, n_classes, idx_of=lambda f: f.val):
     n = max(int(f.val.max()) for f in folds) + 1
     out = np.full((n, n_classes), np.nan)
     for m, f in zip(models, folds):
-        out[f.val] = as_proba(predict(m, x, idx=idx_of(f)), n_classes)
+        out[f.val] = as_proba(predict(m, x, idx=f.val), n_classes)
     return out
 
 
@@ -55,6 +55,8 @@ def scores(y, proba, pool):
 def heads_and_floor(prep, folds, a):
     """The fold heads (on cached pooled features: the head-only option and the start of every fine-tuning) and the
     floor's out-of-fold probabilities on the same folds."""
+    import numpy as np
+
     from harness.baseline import floor_model
     from harness.evaluate import as_proba
     from harness.fit import fit_on, optimizer_factory
@@ -64,7 +66,7 @@ def heads_and_floor(prep, folds, a):
     heads = [prep.build(head_cfg, name=f"h{k}")[0] for k in range(len(folds))]
     fit_on(prep, heads, "avg", folds, a.head_epochs, 16, optimizer_factory("adam", 1e-3), a.seed)
     head_oof = oof(heads, prep.pooled, folds, prep.n_classes)
-    floor = head_oof * float("nan")
+    floor = np.full_like(head_oof, np.nan)
     for f in folds:
         m = floor_model().fit(prep.pooled[f.train], prep.task.y[f.train])
         floor[f.val] = as_proba(m.predict_proba(prep.pooled[f.val]), prep.n_classes)

@@ -133,6 +133,7 @@ class Member:
     head: keras.Model
     backbone: keras.Model
     trained: keras.Model | None = None
+    bottom: keras.Model | None = None  # the frozen bottom whose activations `trained` reads (the cache's key)
 
     @property
     def fitted(self) -> keras.Model:
@@ -234,13 +235,11 @@ class FinetuneHyperModel(kt.HyperModel):
         n = self.count(backbone, values)
         unfreeze_top_blocks(backbone, p.mcfg.backbone, n)
         parts = split_at(backbone, p.mcfg.backbone, n) if self.cfg.cache else None
-        trained = None
         if parts is not None and np.prod(parts[0].output.shape[1:]) <= p.image_size**2 * 3:
             # Cached only while an image's activations are no larger than the image (Lite0 top half: 14x14x80);
             # a cut near the stem would hold more bytes than the images it saves running.
-            self._bottom = parts[0]
-            trained = top_model(parts[1], head, name=f"top{k}")
-        return Member(model, head, backbone, trained)
+            return Member(model, head, backbone, top_model(parts[1], head, name=f"top{k}"), parts[0])
+        return Member(model, head, backbone)
 
     def build(self, hp):
         return self.member(self.complete(self.declare(hp)), 0).fitted
@@ -286,7 +285,7 @@ class FinetuneHyperModel(kt.HyperModel):
                 self.images, [m.model for m in members], "maps", folds, epochs, self.tcfg.batch_size, optimizer,
                 seed, augment=augment, options=options, **common,
             )  # fmt: skip
-        x, views = self.cache.rows(self._bottom, augment)
+        x, views = self.cache.rows(members[0].bottom, augment)
         y = np.tile(p.task.y, views + 1)
         return fit_models(
             [m.trained for m in members], x, y, folds, p.n_classes, epochs, self.tcfg.batch_size, optimizer, seed,

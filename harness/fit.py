@@ -269,13 +269,8 @@ class _GroupLoop:
 
     def __init__(self, models, folds, *, n_classes, batch_size, steps, augment, options: FitOptions, n_images):
         self.models, self.folds, self.n_classes = models, folds, n_classes
-        self.batch_size, self.steps, self.augment, self.options, self.n_images = (
-            batch_size,
-            steps,
-            augment,
-            options,
-            n_images,
-        )
+        self.batch_size, self.steps, self.augment = batch_size, steps, augment
+        self.options, self.n_images = options, n_images
         self.variables = [v for m in models for v in m.trainable_variables]
         self.shadows = None  # the moving averages of `variables` (options.ema)
 

@@ -211,6 +211,7 @@ class TrackedTuner(kt.Tuner):
         super().__init__(*args, tuner_id=tuner_id, **kwargs)
         self.folds, self.parent_run_id, self.trial_seed, self.epochs = folds, parent_run_id, trial_seed, epochs
         self.deadline, self.worker = deadline, worker
+        self.longest_trial = 0.0  # seconds; the time budget is judged by it before each new trial
 
     def save(self):
         atomic_json(self._get_tuner_fname(), self.get_state())
@@ -288,7 +289,7 @@ class TrackedTuner(kt.Tuner):
                 m.save_weights(self.checkpoint(trial.trial_id, k))
         score = fold_objective(results, objective)
         seconds = time.perf_counter() - t0
-        self.longest_trial = max(getattr(self, "longest_trial", 0.0), seconds)
+        self.longest_trial = max(self.longest_trial, seconds)
         pruned = any(r.stopped == "pruned" for r in results)
         if run_id is not None:
             if pruned:  # a finished run, marked: its objective is that of the epochs it ran, and it is never chosen
@@ -326,7 +327,7 @@ class TrackedTuner(kt.Tuner):
         super().on_trial_end(trial)
         if STOP.is_set():  # Ctrl-C: this trial is recorded; no new one starts
             self.oracle.max_trials = len(self.oracle.trials)
-        elif self.deadline is not None and time.monotonic() + getattr(self, "longest_trial", 0.0) > self.deadline:
+        elif self.deadline is not None and time.monotonic() + self.longest_trial > self.deadline:
             # The budget is honoured to the trial: no trial starts that the time left could not hold, judged by the
             # longest trial so far.
             self.oracle.max_trials = len(self.oracle.trials)

@@ -111,6 +111,15 @@ def own_store(home: Path, keras_home: Path, cache: Path):
                 os.environ[k] = v
 
 
+def use_module_store(request, monkeypatch, fixture: str) -> None:
+    """For a test that asks for the module-scoped study `fixture`: point HARNESS_HOME and the tracking URI at that
+    study's store (the per-test home the autouse `harness_home` set is left otherwise)."""
+    if fixture in request.fixturenames:
+        home = request.getfixturevalue(fixture)["home"]
+        monkeypatch.setenv("HARNESS_HOME", str(home))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+
+
 def wait_for_ping(port: int, proc: subprocess.Popen, seconds: float, output) -> None:
     """Until the model server this test started on 127.0.0.1:`port` answers /ping; fails with the server's
     `output()` if it exits first, or when `seconds` pass."""

@@ -18,7 +18,7 @@ from harness.cli import app
 from harness.errors import HarnessError
 from harness.recipe import load_recipe
 
-from conftest import own_store, write_recipe
+from conftest import own_store, use_module_store, write_recipe
 
 LITE0, LITE1, ENSEMBLE = "task2-efficientnet_lite0", "task2-efficientnet_lite1", "task2-ensemble"
 TWO_BACKBONES = [
@@ -132,10 +132,7 @@ def ensemble_study(tmp_path_factory, session_cache):
 
 @pytest.fixture(autouse=True)
 def use_ensemble_store(request, monkeypatch):
-    if "ensemble_study" in request.fixturenames:
-        s = request.getfixturevalue("ensemble_study")
-        monkeypatch.setenv("HARNESS_HOME", str(s["home"]))
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{s['home'] / 'mlflow.db'}")
+    use_module_store(request, monkeypatch, "ensemble_study")
 
 
 @pytest.mark.slow

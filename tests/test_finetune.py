@@ -61,7 +61,7 @@ def test_cached_bottom_then_top_gives_the_whole_models_outputs_on_the_same_view(
     prep, hm, _ = _stage(tmp_path, cache_views=2)
     member = hm.member(_values(hm, "half", augment=0.5), 0)
     assert member.trained is not None  # the top half is cached at 32 px
-    x, views = hm.cache.rows(hm._bottom, 0.5)
+    x, views = hm.cache.rows(member.bottom, 0.5)
     n = len(prep.task.y)
     assert views == 2 and len(x) == 3 * n
     images = prep.task.x[:6].astype("float32")
@@ -87,7 +87,7 @@ def test_fitting_the_cached_top_trains_the_logged_models_backbone(tmp_path):
     (r,) = hm.fit_members(values, [member], folds, 1, 0, "val_loss", False, search=True)
     after = member.model(images, training=False).numpy()
     assert not np.allclose(before, after, atol=1e-4)  # the top's training moved the served model
-    np.testing.assert_allclose(member.trained(hm.cache.rows(hm._bottom, 0.5)[0][:4]).numpy(), after, atol=2e-3)
+    np.testing.assert_allclose(member.trained(hm.cache.rows(member.bottom, 0.5)[0][:4]).numpy(), after, atol=2e-3)
     assert r.epochs == 1 and "val_loss" in r.history
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 
-from conftest import own_store, wait_for_ping, write_recipe
+from conftest import own_store, use_module_store, wait_for_ping, write_recipe
 
 NO_HARNESS = "import sys\nsys.modules['harness'] = None  # any `import harness` in this process fails\n"
 
@@ -59,10 +59,7 @@ def served_study(tmp_path_factory, session_cache):
 
 @pytest.fixture(autouse=True)
 def use_served_store(request, monkeypatch):
-    if "served_study" in request.fixturenames:
-        s = request.getfixturevalue("served_study")
-        monkeypatch.setenv("HARNESS_HOME", str(s["home"]))
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{s['home'] / 'mlflow.db'}")
+    use_module_store(request, monkeypatch, "served_study")
 
 
 @pytest.mark.slow
