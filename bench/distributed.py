@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import schema
+from harness.tracking import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import schema
+from harness.tracking import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 # The log line that opens each phase (the harness logs it as the phase starts).

@@ -32,8 +32,8 @@ def oof(models, x, folds, n_classes):
     """Out-of-fold probabilities: model k on fold k's validation rows of x."""
     import numpy as np
 
-    from harness.evaluate import as_proba
-    from harness.fit import predict
+    from harness.evaluation.metrics import as_proba
+    from harness.training.fit import predict
 
     n = max(int(f.val.max()) for f in folds) + 1
     out = np.full((n, n_classes), np.nan)
@@ -57,10 +57,10 @@ def heads_and_floor(prep, folds, a):
     floor's out-of-fold probabilities on the same folds."""
     import numpy as np
 
-    from harness.baseline import floor_model
-    from harness.evaluate import as_proba
-    from harness.fit import fit_on, optimizer_factory
+    from harness.evaluation.metrics import as_proba
     from harness.recipe import HeadConfig
+    from harness.stages.floor import floor_model
+    from harness.training.fit import fit_on, optimizer_factory
 
     head_cfg = HeadConfig(pooling="avg", units=[a.units], dropout=0.2)
     heads = [prep.build(head_cfg, name=f"h{k}")[0] for k in range(len(folds))]
@@ -78,8 +78,8 @@ def run_option(prep, heads, folds, option, a, curves, cache=True, epochs=None):
     import keras
     import numpy as np
 
-    from harness.finetune import FinetuneHyperModel, pruner
     from harness.recipe import FinetuneSearch
+    from harness.training.finetune import FinetuneHyperModel, pruner
 
     cfg = FinetuneSearch(
         blocks=[option["blocks"]],
@@ -141,10 +141,10 @@ def describe(r: dict) -> str:
 def main(a) -> dict:
     import numpy as np
 
-    from harness.evaluate import mcnemar
-    from harness.prepared import prepare
+    from harness.evaluation.metrics import mcnemar
+    from harness.features.prepared import prepare
     from harness.recipe import load_recipe
-    from harness.search import search_folds
+    from harness.training.search import search_folds
 
     from lab import peak_rss_mib, print_rows  # bench/lab.py: bench/ is on sys.path when run as a script
 

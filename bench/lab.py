@@ -15,9 +15,10 @@ import keras
 import mlflow
 import numpy as np
 
-from harness import schema, tracking
 from harness.paths import get_paths
 from harness.recipe import Recipe, load_recipe, minimised
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 
 def current_rss_mib() -> float:
@@ -48,10 +49,10 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 def cache_benchmark(recipe: Recipe, model_key: str | None, epochs: int) -> dict:
     """The same frozen-backbone trial (data, head, epochs) (a) through the backbone every epoch, as the seed did,
     and (b) on cached features. Extraction is timed separately: it is paid once per study, not per trial."""
-    from harness.features import extract
-    from harness.fit import Fold, fit_on, optimizer_factory
+    from harness.features.prepared import prepare
+    from harness.features.store import extract
     from harness.models.backbones import SPECS
-    from harness.prepared import prepare
+    from harness.training.fit import Fold, fit_on, optimizer_factory
 
     mcfg = recipe.model(model_key)
     prep = prepare(recipe, mcfg)
@@ -126,7 +127,7 @@ def plain_loop_seconds(
 ) -> float:
     """The lower bound of a trial: the same head (same layers, Adam, same epochs and batches, a validation pass per
     epoch) trained by the plainest compiled loop on tensors already in memory, with nothing recorded. Written here
-    on purpose, not borrowed from `harness.fit`, so the harness is measured against code it does not share."""
+    on purpose, not borrowed from `harness.training.fit`, so the harness is measured against code it does not share."""
     import tensorflow as tf
 
     from harness.models import build_head
@@ -207,9 +208,9 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
     """Seconds of one recipe trial through the harness (a one-trial Keras Tuner search inside a parent run: oracle,
     build, fit, MLflow trial run, tuner state) against the plain compiled loop on preloaded tensors, for an avg and
     a flatten head with the recipe's depth, epochs and batch size. Medians of `repeats`."""
-    from harness.prepared import prepare
+    from harness.features.prepared import prepare
     from harness.recipe import FloatRange, IntRange
-    from harness.search import HeadHyperModel, make_tuner, search_folds
+    from harness.training.search import HeadHyperModel, make_tuner, search_folds
 
     mcfg = recipe.model(model_key)
     prep = prepare(recipe, mcfg)
@@ -251,11 +252,11 @@ def trial_benchmark(recipe: Recipe, model_key: str | None, repeats: int = 3) -> 
                         HeadHyperModel(prep, space),
                         space,
                         project,
-                        False,
-                        rep.info.run_id,
-                        tcfg.epochs,
-                        1,
-                        search_folds(prep, 1, space.seed),
+                        parent_run_id=rep.info.run_id,
+                        resume=False,
+                        epochs=tcfg.epochs,
+                        max_trials=1,
+                        folds=search_folds(prep, 1, space.seed),
                     )
                     t0 = time.perf_counter()
                     tuner.search(verbose=0)
@@ -320,7 +321,7 @@ def study_benchmark(recipe: Recipe, only: list[str] | None, max_trials: int | No
 
     from harness.report import NESTED_SETS, compare, paired, test_metrics
     from harness.report.collect import collect
-    from harness.study import tune
+    from harness.study.run import tune
 
     t0 = time.perf_counter()
     results = [r for r in tune(recipe, only=only, max_trials=max_trials) if "skipped" not in r]

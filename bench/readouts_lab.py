@@ -21,15 +21,16 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import schema, tracking
 from harness.data import TaskData, prepare_task
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
-from harness.features import forward_fn
+from harness.features.store import forward_fn
 from harness.models.backbones import SPECS, build_backbone
 from harness.models.heads import fixed_views, random_views
 from harness.models.layers import preprocessing
 from harness.recipe import Recipe
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 TOP = "top"  # the harness's own readout: the last map, average-pooled
 

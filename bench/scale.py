@@ -30,11 +30,11 @@ def child(n: int, image_size: int, folder: Path) -> dict:
     os.environ["HARNESS_WEIGHTS_MIRROR"] = "http://127.0.0.1:9/"
     import yaml
 
-    from harness import tracking
     from harness.data.synthetic import ensure_demo_data
     from harness.recipe import load_recipe
     from harness.report import compare
-    from harness.study import tune
+    from harness.study.run import tune
+    from harness.tracking import runs as tracking
 
     t0 = time.perf_counter()
     data = ensure_demo_data(folder / "phantoms", per_class=n // 4, size=image_size, seed=0)
@@ -104,7 +104,7 @@ def raw_forward(images: int, image_size: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from harness.features import forward_fn
+    from harness.features.store import forward_fn
     from harness.models import build_backbone
 
     backbone, _ = build_backbone("efficientnet_lite0", "imagenet", image_size)

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from harness import tfquiet
 from harness.errors import HarnessError
-from harness.resume import Interrupted, graceful_interrupts
+from harness.study.resume import Interrupted, graceful_interrupts
 
 # Before any command imports TensorFlow: its start-up lines are noise to a user, and HARNESS_DEBUG=1 keeps them.
 if not os.environ.get("HARNESS_DEBUG"):
@@ -181,7 +181,7 @@ def train(
     data_root: Annotated[Path | None, typer.Option(help="Folder the task folders are relative to.")] = None,
 ):
     """Train one configuration of a recipe as one tracked MLflow run."""
-    from harness.train import train as train_fn
+    from harness.study.train import train as train_fn
 
     overrides = _overrides(data_root=data_root, image_size=image_size, epochs=epochs)
     r = _load(recipe, overrides)
@@ -229,8 +229,8 @@ def tune(
     """Keras Tuner search per task x backbone; nested MLflow runs; best model refit, tested and registered.
     Ctrl-C once stops after the current trial (resumable), twice stops at once. --workers N spreads the trials over
     N local processes; --chief and --worker ID --oracle HOST:PORT over machines sharing the tracking store."""
-    from harness.study import tune as tune_fn
-    from harness.study import work
+    from harness.study.run import tune as tune_fn
+    from harness.study.run import work
 
     if resume and restart:
         raise HarnessError("--resume and --restart contradict each other: choose one")
@@ -265,7 +265,7 @@ def compare(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default under HARNESS_HOME).")] = None,
 ):
     """Build the comparison report (report.html, report.md, PNGs) of a study from its MLflow runs."""
-    from harness.pipeline import compare_study
+    from harness.study.pipeline import compare_study
 
     path = compare_study(study, out_dir)
     out.print(f"report: {path}", highlight=False)
@@ -281,8 +281,8 @@ def study(
     restart: Annotated[bool, typer.Option(help="Start the study's searches over.")] = False,
 ):
     """A whole study: tune every model of the recipe, then build the comparison report."""
-    from harness.pipeline import run_study
     from harness.recipe import load_recipe
+    from harness.study.pipeline import run_study
 
     if resume and restart:
         raise HarnessError("--resume and --restart contradict each other: choose one")
@@ -297,7 +297,7 @@ def study(
 @guarded
 def demo():
     """Run the embedded demo study end to end on generated phantom X-rays."""
-    from harness.pipeline import demo as demo_fn
+    from harness.study.pipeline import demo as demo_fn
 
     with graceful_interrupts():
         report = demo_fn(DEMO_RECIPE)
@@ -323,8 +323,8 @@ def server(
 ):
     """An MLflow tracking server for the harness: one store for several people, chiefs and workers. Point them at
     it with MLFLOW_TRACKING_URI=http://HOST:PORT."""
-    from harness.pipeline import serve
-    from harness.pipeline import server as server_cmd
+    from harness.serving.servers import serve
+    from harness.serving.servers import server as server_cmd
 
     cmd = server_cmd(host, port, backend_store_uri, artifacts_destination, auth, allowed_hosts)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -353,8 +353,8 @@ def ui(
 ):
     """Start the MLflow UI on 127.0.0.1 for the harness's store."""
     from harness.paths import get_paths
-    from harness.pipeline import ui as ui_fn
-    from harness.pipeline import ui_url
+    from harness.serving.servers import ui as ui_fn
+    from harness.serving.servers import ui_url
 
     out.print(
         f"MLflow UI for {get_paths().tracking_uri} at {ui_url(port, study)} (Ctrl-C to stop)",
@@ -372,7 +372,7 @@ def predict(
     out_csv: Annotated[Path | None, typer.Option("--out", help="Also write the table as CSV.")] = None,
 ):
     """Class probabilities for images, decoded as training decoded them (the model's colour policy and size)."""
-    from harness.registry import predict_files
+    from harness.serving.predict import predict_files
 
     result, problems = predict_files(model_uri, paths)
     for problem in problems:  # one line each; the other images are still predicted
@@ -399,7 +399,7 @@ def explain(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the overlay PNGs.")] = Path("explain"),
 ):
     """Grad-CAM overlays of the predicted class for images, with how much of each map lies outside the lung field."""
-    from harness.registry import explain_files
+    from harness.serving.predict import explain_files
 
     result, problems = explain_files(model_uri, paths, out_dir)
     for problem in problems:
@@ -491,7 +491,7 @@ def weights_fetch(
 
 
 def _distributed(workers: int, chief: bool, port: int, bind: str, worker_timeout: float):
-    from harness.distributed import Distributed
+    from harness.study.workers import Distributed
 
     if not workers and not chief:
         return None

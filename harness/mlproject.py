@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         app(args=args, prog_name="harness")
     finally:
         if outer:
-            from harness import tracking
+            from harness.tracking import runs as tracking
 
             tracking.client().set_tag(outer, "harness.command", " ".join(["harness"] + args))
 

@@ -71,7 +71,7 @@ def tiny_recipe(tmp_path) -> Path:
 
 @pytest.fixture
 def mlflow_client():
-    from harness import tracking
+    from harness.tracking import runs as tracking
 
     return tracking.client()
 

@@ -17,12 +17,12 @@ START_UP = ("oneDNN custom operations are on", "All log messages before absl::In
 def _no_server(monkeypatch) -> list:
     """Record server command lines instead of starting them."""
     started = []
-    monkeypatch.setattr("harness.pipeline.serve", lambda cmd: started.append(cmd) or 0)
+    monkeypatch.setattr("harness.serving.servers.serve", lambda cmd: started.append(cmd) or 0)
     return started
 
 
 def test_ui_with_an_unknown_study_names_it_and_the_studies_there_and_starts_no_server(monkeypatch):
-    from harness import tracking
+    from harness.tracking import runs as tracking
 
     tracking.setup("tiny")
     started = _no_server(monkeypatch)
@@ -35,7 +35,7 @@ def test_ui_with_an_unknown_study_names_it_and_the_studies_there_and_starts_no_s
 
 
 def test_ui_with_a_known_study_prints_its_runs_table_and_starts_the_server(monkeypatch):
-    from harness import tracking
+    from harness.tracking import runs as tracking
 
     experiment_id = tracking.setup("tiny")
     started = _no_server(monkeypatch)

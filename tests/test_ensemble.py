@@ -35,7 +35,7 @@ def _finals(client, study: str) -> dict:
 
 def _val(client, run_id: str, folder: Path) -> tuple[list[str], np.ndarray, list[str]]:
     """(files, probabilities, true classes) of a final run's validation rows, by file."""
-    from harness.evaluate import read_predictions
+    from harness.evaluation.metrics import read_predictions
 
     rows = sorted(
         (r for r in read_predictions(client, run_id, str(folder)) if r["split"] == "val"), key=lambda r: r["file"]
@@ -65,8 +65,8 @@ def test_an_ensemble_member_of_another_task_is_refused_in_one_line_naming_it(tmp
 
 def test_members_validated_on_different_images_fail_naming_the_ensemble_and_the_member(tmp_path):
     from harness.data import prepare_task
-    from harness.ensemble import averaged_validation
-    from harness.evaluate import prediction_rows
+    from harness.evaluation.metrics import prediction_rows
+    from harness.stages.ensemble import averaged_validation
 
     recipe = load_recipe(
         write_recipe(
@@ -93,7 +93,7 @@ def test_members_validated_on_different_images_fail_naming_the_ensemble_and_the_
     "objective,values,winner", [("val_loss", (0.5, 0.4, 0.3), ENSEMBLE), ("val_accuracy", (0.7, 0.9, 0.8), LITE1)]
 )
 def test_choose_takes_the_ensemble_when_its_validation_objective_is_best(objective, values, winner):
-    from harness.registry import Candidate, choose
+    from harness.tracking.registry import Candidate, choose
 
     keys = (LITE0, LITE1, ENSEMBLE)
     cands = [Candidate("task2", k, f"tiny-{k}", "1", f"run-{k}", objective, v) for k, v in zip(keys, values)]

@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.explain import LUNG_BOX, gradcam, outside_share
+from harness.evaluation.gradcam import LUNG_BOX, gradcam, outside_share
 from harness.models.heads import assemble, average, build_head
 
 from conftest import write_recipe

@@ -15,10 +15,10 @@ from conftest import write_recipe
 
 def _stage(tmp_path, **finetune):
     """A prepared tiny Lite0 model, its fold heads on one split, and a fine-tuning hypermodel from them."""
-    from harness.finetune import FinetuneHyperModel
-    from harness.fit import Fold
-    from harness.prepared import prepare
+    from harness.features.prepared import prepare
     from harness.recipe import FinetuneSearch, load_recipe
+    from harness.training.finetune import FinetuneHyperModel
+    from harness.training.fit import Fold
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
     prep = prepare(recipe, recipe.models[0])
@@ -44,7 +44,7 @@ def test_blocks_all_makes_every_non_batchnorm_backbone_weight_trainable_and_no_b
 
 
 def test_blocks_half_trains_the_top_half_of_the_weighted_blocks(tmp_path):
-    from harness.finetune import unfreeze_top_blocks, weighted_blocks
+    from harness.training.finetune import unfreeze_top_blocks, weighted_blocks
 
     _, hm, _ = _stage(tmp_path)
     backbone = hm.member(_values(hm, "half"), 0).backbone
@@ -92,7 +92,7 @@ def test_fitting_the_cached_top_trains_the_logged_models_backbone(tmp_path):
 
 
 def test_blocks_zero_fits_on_images_exactly_as_the_stage_did_before(tmp_path):
-    from harness.fit import fit_on, optimizer_factory
+    from harness.training.fit import fit_on, optimizer_factory
 
     _, hm, folds = _stage(tmp_path)
     values = _values(hm, 0, augment=0.5)
@@ -122,7 +122,7 @@ def test_blocks_zero_fits_on_images_exactly_as_the_stage_did_before(tmp_path):
 def test_a_pruned_trial_is_recorded_pruned_and_never_becomes_the_best(tmp_path, mlflow_client, monkeypatch):
     """The pruner is replaced by one that prunes the trial with the *better* learning rate after its first epoch,
     so the pruned trial holds the best recorded objective and still must not be chosen."""
-    import harness.finetune as ft
+    import harness.training.finetune as ft
 
     def prune_the_good_rate(cfg, objective, curves):
         return lambda epoch, mean: mean[objective] < 5.0  # lr 1e-4 stays near the head; lr 50 wrecks it
@@ -160,8 +160,8 @@ def test_a_pruned_trial_is_recorded_pruned_and_never_becomes_the_best(tmp_path, 
 
 
 def test_the_median_rule_stops_a_trial_worse_than_the_completed_trials_median():
-    from harness.finetune import pruner
     from harness.recipe import FinetuneSearch
+    from harness.training.finetune import pruner
 
     cfg = FinetuneSearch(prune_after=2, prune_min_trials=2)
     curves = [[1.0, 0.8, 0.7], [1.0, 0.6, 0.5]]  # best by epoch 2: 0.8 and 0.6, median 0.7
@@ -173,7 +173,7 @@ def test_the_median_rule_stops_a_trial_worse_than_the_completed_trials_median():
 
 
 def test_discriminative_rates_scale_each_variables_step(tmp_path):
-    from harness.fit import optimizer_factory
+    from harness.training.fit import optimizer_factory
 
     a, b = keras.Variable(np.zeros(3, "float32")), keras.Variable(np.zeros(3, "float32"))
     opt = optimizer_factory("sgd", 0.1)()
@@ -185,7 +185,7 @@ def test_discriminative_rates_scale_each_variables_step(tmp_path):
 
 
 def test_lr_scales_decay_by_block_below_the_top(tmp_path):
-    from harness.finetune import lr_scales, weighted_blocks
+    from harness.training.finetune import lr_scales, weighted_blocks
 
     _, hm, _ = _stage(tmp_path)
     backbone = hm.member(_values(hm, 3), 0).backbone
@@ -197,7 +197,7 @@ def test_lr_scales_decay_by_block_below_the_top(tmp_path):
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
-    from harness.fit import schedule
+    from harness.training.fit import schedule
 
     cos = schedule(1.0, "cosine", 10, 110)
     assert float(cos(0)) == pytest.approx(0.0) and float(cos(5)) == pytest.approx(0.5)
@@ -209,7 +209,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
 
 
 def test_label_smoothing_moves_the_training_targets_towards_uniform():
-    from harness.fit import make_loss
+    from harness.training.fit import make_loss
 
     p = np.array([[0.7, 0.1, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1]], "float32")
     y = np.array([0, 1])
@@ -220,7 +220,7 @@ def test_label_smoothing_moves_the_training_targets_towards_uniform():
 
 
 def _linear_fit(**options):
-    from harness.fit import FitOptions, Fold, fit_models, optimizer_factory
+    from harness.training.fit import FitOptions, Fold, fit_models, optimizer_factory
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 5)).astype("float32")
@@ -254,7 +254,7 @@ def test_a_stage_at_the_new_options_defaults_keeps_the_fingerprint_a_store_recor
     """A study begun before whole-backbone fine-tuning recorded the digest of the stage's settings as they were then;
     the same recipe must still resume, and setting a new option must count as a change."""
     from harness.recipe import load_recipe
-    from harness.resume import _digest, fingerprint
+    from harness.study.resume import _digest, fingerprint
 
     stage = {"blocks": [0, 1], "learning_rate": [0.0001], "augment": [0.0], "epochs": 2, "max_trials": 2}
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **{"search.finetune": stage}))

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from harness.fit import OPTIMIZERS, Fold, fit_models, optimizer_factory
+from harness.training.fit import OPTIMIZERS, Fold, fit_models, optimizer_factory
 
 
 def _data(n=40, d=12, classes=3, seed=0):
@@ -86,7 +86,7 @@ def test_restore_best_keeps_the_best_validation_epoch():
     )
     best = int(np.argmin(r.history["val_loss"]))
     assert r.best_epoch == best
-    from harness.fit import make_loss
+    from harness.training.fit import make_loss
 
     p = model(x[40:60])
     assert float(make_loss(3)(y[40:60], p)) == pytest.approx(r.history["val_loss"][best], rel=1e-5)
@@ -163,8 +163,8 @@ def test_augmentation_moves_the_training_batches_and_never_the_validation_images
 def test_training_augmentation_is_one_resampling_of_each_image_drawn_from_the_seeded_stream(tmp_path):
     """The in-memory and the memory-mapped (batch by batch) paths move every image the same way, and the training
     loss is the loss on `random_transform` of each image by its draw: one resampling, not a chain of layers."""
-    from harness.fit import make_loss
     from harness.models.heads import random_transform, transform_params
+    from harness.training.fit import make_loss
 
     x, y = _images()
     np.save(tmp_path / "x.npy", x)

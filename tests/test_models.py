@@ -168,10 +168,10 @@ def test_converter_refuses_unknown_globals(tmp_path):
 
 
 def test_finetuning_top_blocks_changes_exactly_their_weighted_non_batchnorm_layers(tmp_path):
-    from harness.finetune import FinetuneHyperModel, blocks_of
-    from harness.fit import Fold, fit_on, optimizer_factory
-    from harness.prepared import prepare
+    from harness.features.prepared import prepare
     from harness.recipe import FinetuneSearch, load_recipe
+    from harness.training.finetune import FinetuneHyperModel, blocks_of
+    from harness.training.fit import Fold, fit_on, optimizer_factory
 
     from conftest import write_recipe
 

@@ -108,7 +108,7 @@ def test_cli_missing_data_folder_names_it(tmp_path):
 
 def test_epochs_override_reaches_models_with_their_own_training(monkeypatch):
     """`--epochs` must win over a model's own training block (the seed recipe has one per model)."""
-    import harness.train as tr
+    import harness.study.train as tr
 
     seen = {}
     monkeypatch.setattr(tr, "train", lambda recipe, key: seen.update(recipe=recipe, key=key) or "run")

@@ -57,7 +57,7 @@ def study(tmp_path_factory, session_cache):
     )
     res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
     assert res.exit_code == 0, res.output
-    from harness import tracking
+    from harness.tracking import runs as tracking
 
     yield {"out": tmp / "report", "output": res.output, "client": tracking.client(), "home": tmp / "home"}
     for k, v in old.items():
@@ -104,7 +104,7 @@ def test_report_numbers_match_mlflow_and_cis_hold(study):
     # The pairwise row: counts and p recomputed from the two models' logged per-image predictions.
     import tempfile
 
-    from harness.evaluate import mcnemar, read_predictions
+    from harness.evaluation.metrics import mcnemar, read_predictions
 
     correct = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -86,7 +86,7 @@ def test_resume_skips_a_finished_search_and_registers_nothing_twice(tmp_path, ml
 
 @pytest.mark.slow
 def test_a_refit_cut_short_is_done_again_once_without_rerunning_trials(tmp_path, mlflow_client, monkeypatch):
-    import harness.study as study
+    import harness.study.run as study
 
     path = write_recipe(tmp_path / "r.yaml")
     real = study.finish
@@ -192,7 +192,7 @@ def test_a_second_process_on_the_same_study_is_refused(tmp_path, harness_home):
 def test_disk_full_while_logging_the_final_model_fails_it_in_one_line_and_resume_completes(
     tmp_path, mlflow_client, monkeypatch
 ):
-    import harness.registry as registry
+    import harness.serving.flavor as registry
 
     path = write_recipe(tmp_path / "r.yaml")
     real = registry.log_classifier
@@ -220,7 +220,7 @@ def test_disk_full_while_logging_the_final_model_fails_it_in_one_line_and_resume
 def test_read_only_tuner_folder_stops_the_search_and_resume_loses_nothing(
     tmp_path, harness_home, mlflow_client, monkeypatch
 ):
-    import harness.resume as resume
+    import harness.study.resume as resume
 
     path = write_recipe(tmp_path / "r.yaml", **{"search.max_trials": 3})
     real, saves = resume.atomic_json, []
@@ -232,7 +232,7 @@ def test_read_only_tuner_folder_stops_the_search_and_resume_loses_nothing(
         return real(target, obj)
 
     monkeypatch.setattr(resume, "atomic_json", read_only)
-    import harness.search as search
+    import harness.training.search as search
 
     monkeypatch.setattr(search, "atomic_json", read_only)
     res = CliRunner().invoke(app, ["tune", str(path)])

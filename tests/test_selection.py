@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.data.splits import cv_folds, groups_from_names
-from harness.evaluate import read_predictions
+from harness.evaluation.metrics import read_predictions
 
 from conftest import write_recipe
 
@@ -31,7 +31,7 @@ def _tune(path):
 def test_the_floor_scaler_fitted_in_chunks_gives_the_standard_scalers_mean_and_scale():
     from sklearn.preprocessing import StandardScaler
 
-    from harness.baseline import ChunkedScaler
+    from harness.stages.floor import ChunkedScaler
 
     rng = np.random.default_rng(3)
     x = (rng.normal(5.0, 3.0, (2500, 40)) * rng.random(40)).astype(np.float32)  # 3 chunks, the last one short
@@ -44,7 +44,7 @@ def test_the_floor_scaler_fitted_in_chunks_gives_the_standard_scalers_mean_and_s
 
 
 def test_the_floor_scales_in_place_only_copies_never_the_read_only_pooled_vectors():
-    from harness.baseline import floor_model
+    from harness.stages.floor import floor_model
 
     rng = np.random.default_rng(4)
     x = rng.normal(2.0, 1.0, (300, 16)).astype(np.float32)
@@ -311,12 +311,12 @@ def test_test_time_augmentation_is_its_own_metric_set_in_the_final_and_the_neste
 
 
 def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training(tmp_path):
-    from harness.evaluate import as_proba
-    from harness.finalize import tta_images_predict
-    from harness.fit import predict
+    from harness.evaluation.metrics import as_proba
+    from harness.features.prepared import full_model, prepare
     from harness.models.heads import build_head
-    from harness.prepared import full_model, prepare
     from harness.recipe import load_recipe
+    from harness.stages.finalize import tta_images_predict
+    from harness.training.fit import predict
 
     over = {"training.views": 2, "training.views_kind": "random", "evaluation.tta": 2}
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **over))
@@ -331,8 +331,8 @@ def test_tta_averages_over_the_random_views_the_feature_store_keeps_for_training
 def test_one_se_bar_moves_the_head_objective_by_the_standard_error_of_the_best_trials_fold_mean():
     import keras_tuner as kt
 
-    from harness.finetune import acceptance_bar
-    from harness.search import Best, FoldObjective
+    from harness.stages.finetune import acceptance_bar
+    from harness.training.search import Best, FoldObjective
 
     loss, accuracy = kt.Objective("val_loss", "min"), kt.Objective("val_accuracy", "max")
 
@@ -375,9 +375,9 @@ def test_random_views_draw_each_images_transform_from_its_hash_alone():
 def test_readouts_top_average_and_fixed_views_are_what_the_harness_trains_on_and_no_test_image_is_read(
     tmp_path,
 ):
+    from harness.features.prepared import prepare
     from harness.models.backbones import SPECS
     from harness.models.layers import preprocessing
-    from harness.prepared import prepare
     from harness.recipe import load_recipe
 
     from readouts_lab import TOP, equalised, readouts
@@ -493,7 +493,7 @@ def test_views_train_heads_on_every_fixed_view_validate_on_originals_and_are_ext
 
 
 def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(tmp_path, mlflow_client):
-    from harness.finalize import view_tta_predict
+    from harness.stages.finalize import view_tta_predict
 
     path = write_recipe(
         tmp_path / "r.yaml",
@@ -536,7 +536,7 @@ def test_view_tta_averages_the_head_over_the_stores_views_as_its_own_metric_set(
     # the averaging itself, on a hand-made member: two images, two views, the mean of three predictions
     import keras
 
-    from harness.finalize import FinalModel
+    from harness.stages.finalize import FinalModel
 
     class Prep:
         n_classes, views, task = 2, np.array([[[1.0], [0.0]], [[0.0], [1.0]]]), None

@@ -160,8 +160,8 @@ def test_champion_is_chosen_by_validation_never_by_test_and_moves_only_for_bette
     """Real runs and registered versions, no training: their logged numbers decide."""
     import mlflow
 
-    from harness import tracking
-    from harness.registry import crown_champions
+    from harness.tracking import runs as tracking
+    from harness.tracking.registry import crown_champions
 
     exp = tracking.setup("alias")
 

@@ -101,7 +101,7 @@ def test_threads_writing_one_entry_at_once_all_succeed_and_leave_one_whole_entry
 
 def test_a_broken_store_entry_is_extracted_again_never_used(tmp_path, session_cache):
     from harness.data import prepare_task
-    from harness.features import entry_path, features_for
+    from harness.features.store import entry_path, features_for
     from harness.models import build_backbone
     from harness.recipe import load_recipe
 
@@ -134,7 +134,7 @@ def test_a_study_run_twice_gives_identical_features_and_trials(tmp_path, monkeyp
         monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / f"cache{k}"))
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / f'home{k}' / 'mlflow.db'}")
         assert CliRunner().invoke(app, ["tune", str(path)]).exit_code == 0
-        from harness import tracking
+        from harness.tracking import runs as tracking
 
         c = tracking.client()
         exp = c.get_experiment_by_name("tiny")

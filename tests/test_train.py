@@ -61,7 +61,7 @@ def test_train_cli_end_to_end(tiny_recipe, mlflow_client):
 
 @pytest.mark.slow
 def test_failed_run_is_marked_failed_not_running(tiny_recipe, mlflow_client, monkeypatch):
-    import harness.finalize as fin
+    import harness.stages.finalize as fin
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")

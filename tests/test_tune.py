@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.recipe import load_recipe
-from harness.search import clean_values
+from harness.training.search import clean_values
 
 from conftest import write_recipe
 
@@ -85,7 +85,7 @@ def test_trial_images_per_s_counts_every_epoch(tmp_path, mlflow_client):
 
 @pytest.mark.slow
 def test_feature_cache_hit_across_searches_and_miss_on_change(tmp_path, mlflow_client):
-    from harness.study import tune
+    from harness.study.run import tune
 
     # Phantoms of their own (synthetic seed 77), so no other test has extracted these features before.
     settings = {"search.max_trials": 1, "training.epochs": 1, "data.synthetic.seed": 77}
@@ -100,8 +100,8 @@ def test_feature_cache_hit_across_searches_and_miss_on_change(tmp_path, mlflow_c
 
 @pytest.mark.slow
 def test_failing_trials_recorded_and_search_bounded(tmp_path, mlflow_client, monkeypatch):
-    import harness.search as search
-    from harness import study
+    import harness.training.search as search
+    from harness.study import run as study
 
     def broken(*args, **kwargs):
         raise ValueError("bad head")
@@ -122,7 +122,7 @@ def test_failing_trials_recorded_and_search_bounded(tmp_path, mlflow_client, mon
 @pytest.mark.slow
 def test_bad_input_inside_a_trial_stops_the_search_at_once(tmp_path, mlflow_client, monkeypatch):
     """A HarnessError (bad input, not bad luck) ends the search after the first trial instead of retrying."""
-    import harness.search as search
+    import harness.training.search as search
     from harness.errors import HarnessError
 
     def bad_input(*args, **kwargs):

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import keras
 
-from harness import schema
 from harness.errors import HarnessError
 from harness.hashing import sha256_cached
 from harness.paths import get_paths
 from harness.recipe import NATIVE_SIZE
+from harness.tracking import schema
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 MIRROR_ENV = "HARNESS_WEIGHTS_MIRROR"

@@ -12,13 +12,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from harness import schema, tracking
-from harness.evaluate import confusion_figure, mcnemar, metrics
+from harness.evaluation.metrics import confusion_figure, mcnemar, metrics
 from harness.paths import get_paths
 from harness.recipe import minimised
 from harness.report import figures
 from harness.report.collect import ModelResult, Study, collect
 from harness.report.render import h, img, p, table, to_html, to_markdown
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 log = logging.getLogger(__name__)
 WEIGHTS_WORDS = {"imagenet": "ImageNet", "none": "random init", "file": "file"}
@@ -124,7 +125,7 @@ EXTRA_SETS = (
     ("test_tta.accuracy", "accuracy with TTA"),
     ("test_view_tta.accuracy", "accuracy averaged over its training views"),
 )
-# The nested estimate's optional averaged sets (harness.nested), a row each.
+# The nested estimate's optional averaged sets (harness.stages.nested), a row each.
 NESTED_SETS = (("nested_tta", "random augmented copies (TTA)"), ("nested_view_tta", "its training views"))
 
 
@@ -339,7 +340,7 @@ def _champions(study: Study) -> list:
             c["source"],
             f"{c['objective']} {_f(c['value'], 4)}",
             c["candidates"],
-            "moved to this model now" if c["moved"] else "kept: no model with a better validation objective",
+            "on the best candidate" if c["best_now"] else "on an earlier model with a better validation objective",
         ]
         for task, c in sorted(study.champions.items())
     ]
@@ -360,7 +361,7 @@ def _champions(study: Study) -> list:
 
 
 def _gradcam(models: list[ModelResult], out: Path) -> list:
-    from harness.explain import LUNG_BOX, OUTSIDE_FLAG
+    from harness.evaluation.gradcam import LUNG_BOX, OUTSIDE_FLAG
 
     blocks, rows = [], []
     for m in [m for m in models if m.gradcam]:
@@ -402,7 +403,7 @@ def _gradcam(models: list[ModelResult], out: Path) -> list:
 
 
 def _audit(models: list[ModelResult], computed: dict) -> list:
-    from harness.audit import REACHES
+    from harness.stages.audit import REACHES
 
     blocks = []
     for task in sorted({m.task for m in models}):
@@ -794,7 +795,7 @@ def build_blocks(study: Study, out: Path) -> tuple[list, dict]:
 
 def compare(study: str, out: Path | None = None, expected: list[str] | None = None) -> Path:
     """Build the report of a study from MLflow into `out` (default under HARNESS_HOME), log it, return report.html."""
-    from harness.registry import crown_champions
+    from harness.tracking.registry import champions
 
     log.info("Report of study %s", study)
     data = collect(study, expected)  # before setup(), which would create a missing experiment
@@ -804,7 +805,7 @@ def compare(study: str, out: Path | None = None, expected: list[str] | None = No
     if n := tracking.end_orphans(mlflow.get_experiment_by_name(study).experiment_id, schema.COMPARE):
         log.warning("Study %s: %d earlier compare run(s) whose process was killed marked KILLED", study, n)
     with tracking.run(f"compare {study}", tags={schema.KIND: schema.COMPARE, schema.STUDY: study}):
-        data.champions = crown_champions(study, [m.run for m in data.models])
+        data.champions = champions(study, [m.run for m in data.models])
         mlflow.set_tags(
             {
                 f"champion.{task}": f"{c['uri']} = version {c['version']} ({c['model_key']})"

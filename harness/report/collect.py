@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from mlflow.entities import Run
 
-from harness import schema, tracking
 from harness.errors import HarnessError
-from harness.evaluate import read_predictions
+from harness.evaluation.metrics import read_predictions
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 
 @dataclass
@@ -66,7 +67,9 @@ class Study:
     models: list[ModelResult]
     missing: list[str]  # expected models without a final run, with the reason when the search skipped them
     device_runs: list[Run]  # every final/train run of the study, for the CPU-vs-GPU table
-    champions: dict = field(default_factory=dict)  # per task: the alias `champion` and why (set by `compare`)
+    champions: dict = field(
+        default_factory=dict
+    )  # per task: the alias `champion` and why (moved by the study's champion stage)
 
 
 def _artifact_json(client, run_id: str, path: str, tmp: Path):

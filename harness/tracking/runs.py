@@ -20,9 +20,9 @@ import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from harness import schema
 from harness.paths import get_paths
-from harness.resume import pid_alive
+from harness.study.resume import pid_alive
+from harness.tracking import schema
 
 
 def setup(study: str) -> str:

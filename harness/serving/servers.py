@@ -1,5 +1,5 @@
-"""Whole-study actions that chain the stages: `demo` (recipe -> search -> report), and the `server` and `ui`
-launchers (MLflow's servers run as child processes that end with the launcher)."""
+"""The `server` and `ui` launchers: MLflow's tracking server and UI on the harness store, run as child processes
+that end with the launcher."""
 
 from __future__ import annotations
 
@@ -7,35 +7,8 @@ import contextlib
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from harness.paths import get_paths
-from harness.recipe import Recipe, load_recipe
-
-
-def compare_study(study_or_recipe: str, out: Path | None = None) -> Path:
-    """`harness compare`: a recipe file names its study and the models to expect; a bare name is a study."""
-    from harness.report import compare
-
-    path = Path(study_or_recipe)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        recipe = load_recipe(path)
-        return compare(recipe.study, out, expected=[m.key for m in recipe.models])
-    return compare(study_or_recipe, out)
-
-
-def run_study(recipe: Recipe, out: Path | None = None, resume: bool = False, restart: bool = False) -> Path:
-    from harness.report import compare
-    from harness.study import tune
-
-    tune(recipe, resume=resume, restart=restart)
-    return compare(recipe.study, out, expected=[m.key for m in recipe.models])
-
-
-def demo(recipe_path: Path) -> Path:
-    """The embedded default, end to end: generated data, a search per model, the report. Run again, it continues
-    (finished searches are skipped), so a second `make demo` only rebuilds the report."""
-    return run_study(load_recipe(recipe_path), resume=True)
 
 
 def server(
@@ -74,8 +47,8 @@ def ui_url(port: int = 5000, study: str | None = None) -> str:
     refused (naming the studies it holds) before any server starts."""
     url = f"http://127.0.0.1:{port}"
     if study:
-        from harness import tracking
         from harness.errors import HarnessError
+        from harness.tracking import runs as tracking
 
         client = tracking.client()
         exp = client.get_experiment_by_name(study)

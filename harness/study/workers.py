@@ -80,7 +80,10 @@ def safe_synchronized(func):
 
 
 def robust(base: type) -> type:
-    """The chief's oracle: `base` (a harness oracle with atomic state files) that survives lost workers and restarts."""
+    """The chief's oracle: `base` (a harness oracle with atomic state files) that survives lost workers and restarts.
+
+    Long because it is a class: its methods are short overrides of Keras Tuner's oracle, kept together in the factory
+    that subclasses whichever oracle the recipe names."""
 
     class Robust(base):
         worker_timeout = 60.0
@@ -386,7 +389,8 @@ def worker_command(recipe_file: Path, host: str, port: int, only: list[str] | No
 
 def serving_search(study: str, port: int, keys: set[str]) -> tuple[str, str] | None:
     """(model key, search run id) of the search a chief serves on `port` now, among `keys`, or None."""
-    from harness import schema, tracking
+    from harness.tracking import runs as tracking
+    from harness.tracking import schema
 
     exp = tracking.client().get_experiment_by_name(study)
     if exp is None:
@@ -403,7 +407,8 @@ def serving_search(study: str, port: int, keys: set[str]) -> tuple[str, str] | N
 
 
 def study_done(study: str, port: int) -> bool:
-    from harness import schema, tracking
+    from harness.tracking import runs as tracking
+    from harness.tracking import schema
 
     exp = tracking.client().get_experiment_by_name(study)
     return exp is not None and exp.tags.get(f"{schema.ORACLE_DONE_PREFIX}{port}") == "done"

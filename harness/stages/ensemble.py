@@ -2,7 +2,7 @@
 several recipe models of one task becomes a final model of its own, a candidate for the task's `champion` alias like
 any other. This module owns finding the members' final runs, the ensemble's validation objective (from the members'
 logged validation predictions, averaged), the one averaged Keras model, its single test evaluation, and its final run
-(logged and registered as `<study>-<ensemble key>`). The members' searches are `harness.study`'s.
+(logged and registered as `<study>-<ensemble key>`). The members' searches are `harness.study.run`'s.
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ import mlflow
 import numpy as np
 import yaml
 
-from harness import schema, tracking
 from harness.data import TaskData, prepare_task
 from harness.errors import HarnessError
-from harness.evaluate import as_proba, confusion_figure, log_predictions, prediction_rows, read_predictions
-from harness.finalize import log_gradcam, log_split_metrics
+from harness.evaluation.metrics import as_proba, confusion_figure, log_predictions, prediction_rows, read_predictions
+from harness.features.prepared import Prepared
 from harness.models.heads import average
-from harness.prepared import Prepared
 from harness.recipe import EnsembleConfig, ModelConfig, Recipe
-from harness.registry import log_classifier
-from harness.resume import check_interrupt
+from harness.serving.flavor import log_classifier
+from harness.stages.finalize import log_gradcam, log_split_metrics
+from harness.stages.search import summary_of
+from harness.study.resume import check_interrupt
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 log = logging.getLogger(__name__)
 FINAL_MODE = "members averaged"  # the `final.mode` tag of an ensemble's final run, as the report shows it
@@ -93,7 +95,6 @@ def _val_rows(run) -> bool:
 
 def build(recipe: Recipe, e: EnsembleConfig, finals: dict, exp_id: str) -> dict:
     """The ensemble's final run, or the finished one of the same member runs (resumed: not built again)."""
-    from harness.study import summary_of  # study calls this module: imported here, not at the top
 
     c = tracking.client()
     member_runs = ",".join(finals[k].info.run_id for k in e.members)
@@ -257,7 +258,7 @@ def record(
 def evaluate_test(prep: Prepared, model: keras.Model, tmp: Path) -> tuple[dict, list[dict]]:
     """The ensemble model run once on the test split (read once, counted), logged as a member's final model is:
     `test.*` metrics, the confusion matrix, Grad-CAM (the members' maps averaged); returns metrics and rows."""
-    from harness.fit import predict
+    from harness.training.fit import predict
 
     t = prep.task
     test = prep.read_test()

@@ -18,15 +18,16 @@ import keras
 import mlflow
 import numpy as np
 
-from harness import schema, tracking
-from harness.evaluate import as_proba, confusion_figure, log_predictions, metrics, prediction_rows
-from harness.features import extract
-from harness.fit import FitResult, Fold, fit_on, optimizer_factory, predict
+from harness.evaluation.metrics import as_proba, confusion_figure, log_predictions, metrics, prediction_rows
+from harness.features.prepared import Prepared, full_model, refresh_backbone
+from harness.features.store import extract
 from harness.models.backbones import SPECS
 from harness.models.heads import average, penultimate, random_views
-from harness.prepared import Prepared, full_model, refresh_backbone
 from harness.recipe import HeadConfig, SearchConfig, TrainingConfig
-from harness.search import Best, head_from_values
+from harness.tracking import runs as tracking
+from harness.tracking import schema
+from harness.training.fit import FitResult, Fold, fit_on, optimizer_factory, predict
+from harness.training.search import Best, head_from_values
 
 log = logging.getLogger(__name__)
 EMBED_SAMPLE = 2000  # images whose penultimate features are logged for the report's t-SNE (stratified)
@@ -217,85 +218,28 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
     """Evaluate once, log figures, predictions, embeddings and the full model (once). Validation metrics are the
     members' own validation images: the val split, or every image of train+validation out of fold for an
     ensemble (none after a refit). The test split is read once, here."""
-    t, out, seed = prep.task, {}, prep.recipe.data.seed
+    out = {}
     t0 = time.perf_counter()
-    tta = prep.recipe.evaluation.tta
-    if tta:
+    if prep.recipe.evaluation.tta:
         # Whether the model saw augmented images in training, beside its TTA figures. With the one-resampling
         # copies, TTA no longer needs it: Task 2 Lite0 heads on clean features, 12 copies, out of fold over 215
         # images, seeds 42 / 7: 0.781 -> 0.800 / 0.786 -> 0.805 (copies from Keras' chained random layers:
         # 0.735 / 0.758).
         mlflow.set_tag("tta.trained_with_augmentation", str(final.augment > 0).lower())
-    view_tta = prep.recipe.evaluation.view_tta and prep.views is not None
-    if view_tta and final.on_images:  # fine-tuned: its backbone moved, the store's views are not its features
-        log.warning("%s: evaluation.view_tta skipped: the final model sees images, not cached features", prep.mcfg.key)
-        view_tta = False
-    if prep.recipe.evaluation.view_tta:
-        mlflow.set_tag("view_tta", "on" if view_tta else "skipped (fine-tuned final model)")
     full = final.full_model(prep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = []
-        val = [(k, f.val) for k, f in enumerate(final.folds) if f.val is not None and len(f.val)]
-        if val:
-            idx = np.concatenate([v for _, v in val])
-            proba = np.concatenate([member_predict(prep, final, k, v) for k, v in val])
-            order = np.argsort(idx)
-            idx, proba = idx[order], proba[order]
-            out["val"] = log_split_metrics(prep, "val", idx, proba, seed)
-            rows += prediction_rows(t, idx, proba, "val")
-            if tta:
-                tta_val = np.concatenate([tta_predict(prep, final, k, v) for k, v in val])[order]
-                out["val_tta"] = log_split_metrics(prep, "val_tta", idx, tta_val, seed)
-                rows += prediction_rows(t, idx, tta_val, "val_tta")  # paired with "val": McNemar out of fold
-            if view_tta:
-                vt_val = np.concatenate([view_tta_predict(prep, final, k, v) for k, v in val])[order]
-                out["val_view_tta"] = log_split_metrics(prep, "val_view_tta", idx, vt_val, seed)
-                rows += prediction_rows(t, idx, vt_val, "val_view_tta")  # paired with "val": McNemar out of fold
+        predictors = split_predictors(prep, final)
+        rows = evaluate_val(prep, final, predictors, out)
         test = prep.read_test()  # the one read of the test split for this model
         if len(test):
-            proba = ensemble_predict(prep, final, test)
-            out["test"] = log_split_metrics(prep, "test", test, proba, seed)
-            confusion_figure(
-                t.y[test],
-                proba.argmax(axis=1),
-                t.classes,
-                f"{prep.mcfg.key} — test (n={len(test)})",
-                tmp / "confusion_test.png",
-            )
-            mlflow.log_artifact(str(tmp / "confusion_test.png"))
-            rows += prediction_rows(t, test, proba, "test")
-            if tta:
-                tta_test = ensemble_predict(prep, final, test, tta_predict)
-                out["test_tta"] = log_split_metrics(prep, "test_tta", test, tta_test, seed)
-                rows += prediction_rows(t, test, tta_test, "test_tta")
-            if view_tta:
-                vt_test = ensemble_predict(prep, final, test, view_tta_predict)
-                out["test_view_tta"] = log_split_metrics(prep, "test_view_tta", test, vt_test, seed)
-                rows += prediction_rows(t, test, vt_test, "test_view_tta")
+            test_rows, proba = evaluate_test(prep, final, predictors, test, out, tmp)
+            rows += test_rows
             log_gradcam(prep, full, test, proba, tmp)
         mlflow.log_metric("test_reads", prep.test_reads)
         log_predictions(rows)
         t1 = time.perf_counter()
-        # Penultimate-layer features (the members' side by side) of a stratified sample of the images, for the
-        # report's t-SNE: all of them for a few thousand images, EMBED_SAMPLE of a larger task.
-        shown = sample(t.y, np.arange(len(t.y)), EMBED_SAMPLE, seed)
-        emb = np.concatenate(
-            [predict(penultimate(h), head_inputs(prep, final, k, shown)) for k, h in enumerate(final.heads)], axis=1
-        )
-        split_of = np.empty(len(t.y), dtype=object)
-        for s, idx in t.splits.items():
-            split_of[idx] = s
-        np.savez_compressed(
-            tmp / "embeddings.npz",
-            embedding=emb.astype(np.float32),
-            y=t.y[shown],
-            split=split_of[shown].astype(str),
-            mode=np.array(t.modes)[shown],
-            of=np.array(len(t.y)),
-            classes=np.array(t.classes),
-        )
-        mlflow.log_artifact(str(tmp / "embeddings.npz"))
+        log_embeddings(prep, final, tmp)
     t2 = time.perf_counter()
     log_full_model(prep, full, register_as)
     mlflow.log_metrics(
@@ -304,11 +248,83 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
     return out
 
 
+def split_predictors(prep: Prepared, final: FinalModel) -> dict:
+    """Name suffix -> how one member predicts its images: the image alone, and the averaged variants asked for."""
+    out = {"": member_predict}
+    if prep.recipe.evaluation.tta:
+        out["_tta"] = tta_predict
+    view_tta = prep.recipe.evaluation.view_tta and prep.views is not None
+    if view_tta and final.on_images:  # fine-tuned: its backbone moved, the store's views are not its features
+        log.warning("%s: evaluation.view_tta skipped: the final model sees images, not cached features", prep.mcfg.key)
+        view_tta = False
+    if prep.recipe.evaluation.view_tta:
+        mlflow.set_tag("view_tta", "on" if view_tta else "skipped (fine-tuned final model)")
+    if view_tta:
+        out["_view_tta"] = view_tta_predict
+    return out
+
+
+def evaluate_val(prep: Prepared, final: FinalModel, predictors: dict, out: dict) -> list:
+    """Each member on its own validation images (paired with the plain figures: McNemar out of fold)."""
+    val = [(k, f.val) for k, f in enumerate(final.folds) if f.val is not None and len(f.val)]
+    if not val:
+        return []
+    idx = np.concatenate([v for _, v in val])
+    order = np.argsort(idx)
+    idx, rows = idx[order], []
+    for suffix, predict_member in predictors.items():
+        proba = np.concatenate([predict_member(prep, final, k, v) for k, v in val])[order]
+        out[f"val{suffix}"] = log_split_metrics(prep, f"val{suffix}", idx, proba, prep.recipe.data.seed)
+        rows += prediction_rows(prep.task, idx, proba, f"val{suffix}")
+    return rows
+
+
+def evaluate_test(
+    prep: Prepared, final: FinalModel, predictors: dict, test: np.ndarray, out: dict, tmp: Path
+) -> tuple[list, np.ndarray]:
+    """The final model (its members averaged) on the test split, with its confusion matrix; returns the prediction
+    rows and the plain (image alone) probabilities."""
+    t, rows, plain = prep.task, [], None
+    for suffix, predict_member in predictors.items():
+        proba = ensemble_predict(prep, final, test, predict_member)
+        out[f"test{suffix}"] = log_split_metrics(prep, f"test{suffix}", test, proba, prep.recipe.data.seed)
+        rows += prediction_rows(t, test, proba, f"test{suffix}")
+        if suffix == "":
+            plain = proba
+            title = f"{prep.mcfg.key} — test (n={len(test)})"
+            confusion_figure(t.y[test], proba.argmax(axis=1), t.classes, title, tmp / "confusion_test.png")
+            mlflow.log_artifact(str(tmp / "confusion_test.png"))
+    return rows, plain
+
+
+def log_embeddings(prep: Prepared, final: FinalModel, tmp: Path) -> None:
+    """Penultimate-layer features (the members' side by side) of a stratified sample of the images, for the
+    report's t-SNE: all of them for a few thousand images, EMBED_SAMPLE of a larger task."""
+    t, seed = prep.task, prep.recipe.data.seed
+    shown = sample(t.y, np.arange(len(t.y)), EMBED_SAMPLE, seed)
+    emb = np.concatenate(
+        [predict(penultimate(h), head_inputs(prep, final, k, shown)) for k, h in enumerate(final.heads)], axis=1
+    )
+    split_of = np.empty(len(t.y), dtype=object)
+    for s, idx in t.splits.items():
+        split_of[idx] = s
+    np.savez_compressed(
+        tmp / "embeddings.npz",
+        embedding=emb.astype(np.float32),
+        y=t.y[shown],
+        split=split_of[shown].astype(str),
+        mode=np.array(t.modes)[shown],
+        of=np.array(len(t.y)),
+        classes=np.array(t.classes),
+    )
+    mlflow.log_artifact(str(tmp / "embeddings.npz"))
+
+
 def log_gradcam(prep: Prepared, model: keras.Model, test: np.ndarray, proba: np.ndarray, tmp: Path) -> None:
     """Grad-CAM of the final model on the test images: a grid of each class's most confident correct and wrong
     predictions (map of the predicted class), and per class the share of the map outside the lung field (map of
     the true class, over the test images of that class)."""
-    from harness.explain import LUNG_BOX, gradcam, grid_figure, outside_share, pick_examples
+    from harness.evaluation.gradcam import LUNG_BOX, gradcam, grid_figure, outside_share, pick_examples
 
     t = prep.task
     y = t.y[test]
@@ -355,7 +371,7 @@ def log_split_metrics(prep: Prepared, name: str, idx: np.ndarray, proba: np.ndar
 
 def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) -> None:
     """The final model as a standard MLflow model (loadable and servable without the harness), registered."""
-    from harness.registry import log_classifier
+    from harness.serving.flavor import log_classifier
 
     log_classifier(
         model,

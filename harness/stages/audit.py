@@ -20,10 +20,11 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import schema, tracking
 from harness.data.splits import cv_folds
-from harness.evaluate import accuracy_ci
-from harness.prepared import Prepared
+from harness.evaluation.metrics import accuracy_ci
+from harness.features.prepared import Prepared
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 BITS = {
     "1": 1,

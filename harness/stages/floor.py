@@ -12,10 +12,11 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from harness import schema, tracking
 from harness.data.splits import cv_folds
-from harness.evaluate import log_predictions, metrics, prediction_rows
-from harness.prepared import Prepared
+from harness.evaluation.metrics import log_predictions, metrics, prediction_rows
+from harness.features.prepared import Prepared
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 
 class ChunkedScaler(StandardScaler):

@@ -52,6 +52,7 @@ SEARCH_OBJECTIVE = "search.objective"  # a param: the validation objective the s
 # Experiment tags: `<prefix><model key>` says why a model was skipped; `<prefix><port>` that a study's workers leave.
 SKIPPED_PREFIX = "harness.skipped."
 ORACLE_DONE_PREFIX = "harness.oracle."
+BUDGET_EXCLUDED_PREFIX = "harness.budget_excluded."  # `<prefix><task>`: model keys over the champion's budget, why
 
 # Metric/param/tag prefixes written in one module and parsed in another.
 HP = "hp."  # params of trial and final runs: the chosen hyperparameters
@@ -64,6 +65,19 @@ NESTED_PREFIX = "nested."  # the nested estimate's metrics and params
 TEST = "test."  # a final run's test-split metrics
 VAL = "val."  # a final run's validation metrics
 FT_HP = "ft_"  # the fine-tuning stage's hyperparameter names
+
+# Calibration, operating point, serving cost (a final run's; absent in older stores: the report skips what is absent).
+CALIBRATED = "_calibrated"  # split suffix: `val_calibrated`/`test_calibrated` metrics and prediction rows, the
+#                             probabilities after the temperature fitted on the out-of-fold `val` rows
+TEMPERATURE = "calibration.temperature"  # metric: the fitted temperature (1.0: none fitted, too few images)
+OP_CLASS = "op.class"  # tag: the operating point's class; absent when the recipe asks for none
+OP = "op."  # metrics `op.threshold`, `op.target_sensitivity`, `op.val.<m>` (out of fold), `op.test.<m>` with
+#              <m> in sensitivity/specificity/ppv/npv (+ `_ci_low`/`_ci_high`) and tp/fp/tn/fn
+MODEL_CARD = "model_card.md"  # artifact of a final run and of its registered model version
+ONNX_ARTIFACT = "onnx"  # artifact folder of a final run: the ONNX model logged as an MLflow model
+COST = "cost."  # metrics `cost.params`, `cost.keras_file_mb`, `cost.onnx_file_mb`, `cost.<runtime>.b<batch>.<stat>`
+ONNX_PARITY = "onnx.parity"  # metric: largest absolute probability difference Keras vs ONNX Runtime on test images
+INT8 = "_int8"  # split suffix: `test_int8` metrics and prediction rows of the INT8 dynamic-quantized ONNX model
 
 
 def tag_filter(name: str, value: str) -> str:

@@ -7,10 +7,11 @@ import time
 import keras
 import mlflow
 
-from harness import schema, tracking
-from harness.finalize import fit_and_finish
-from harness.prepared import prepare
+from harness.features.prepared import prepare
 from harness.recipe import Recipe
+from harness.stages.finalize import fit_and_finish
+from harness.tracking import runs as tracking
+from harness.tracking import schema
 
 
 def train(recipe: Recipe, model_key: str | None = None) -> str:

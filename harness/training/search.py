@@ -3,7 +3,7 @@
 A trial trains one head on the train split and is scored on the validation split, or, with `search.cv_folds: K`,
 trains K heads on K stratified, patient-grouped folds of train+validation at once and is scored by the fold-mean
 validation curve at its best epoch (the epoch the folds agree on). Each trial is a nested MLflow run with its
-per-fold values. `harness.study` chains the stages of a model: search, fine-tuning, final model, floor, nested.
+per-fold values. `harness.study.run` chains the stages of a model: search, fine-tuning, final model, floor, nested.
 
 Only public Keras Tuner hooks are used: `HyperModel.build` and `Tuner.run_trial` / `on_trial_end`.
 """
@@ -20,13 +20,14 @@ import keras_tuner as kt
 import mlflow
 import numpy as np
 
-from harness import schema, tracking
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
-from harness.fit import FitResult, Fold, fit_on, optimizer_factory
-from harness.prepared import Prepared, refresh_backbone
+from harness.features.prepared import Prepared, refresh_backbone
 from harness.recipe import FloatRange, HeadConfig, SearchConfig, minimised
-from harness.resume import STOP, atomic_json, check_interrupt
+from harness.study.resume import STOP, atomic_json, check_interrupt
+from harness.tracking import runs as tracking
+from harness.tracking import schema
+from harness.training.fit import FitResult, Fold, fit_on, optimizer_factory
 
 log = logging.getLogger(__name__)
 PRUNED = schema.PRUNED  # the tag of a trial run, and the metric of a Keras Tuner trial, that pruning stopped early
@@ -364,8 +365,9 @@ def make_tuner(
     hypermodel,
     space: SearchConfig,
     project_dir,
-    resume: bool,
+    *,
     parent_run_id: str | None,
+    resume: bool,
     epochs: int,
     max_trials: int,
     folds: list[Fold],
@@ -375,7 +377,7 @@ def make_tuner(
 ):
     """A Keras Tuner search of the recipe's kind (its oracle built here, with atomic state files), tracked in MLflow
     under `parent_run_id`, its state in `project_dir` (reloaded when `resume`). `role` "chief" serves the oracle to
-    workers (`harness.distributed.robust`); any other role is a worker's id: its oracle is the chief's, over gRPC
+    workers (`harness.study.workers.robust`); any other role is a worker's id: its oracle is the chief's, over gRPC
     (Keras Tuner swaps it in when KERASTUNER_ORACLE_IP is set), and its state is never overwritten."""
     kind = tuner or space.tuner
     kwargs = dict(
@@ -389,7 +391,7 @@ def make_tuner(
         kwargs.update(max_trials=max_trials)
     cls = _atomic(ORACLES[kind])
     if role == "chief":
-        from harness.distributed import robust
+        from harness.study.workers import robust
 
         # A lost worker's trial is handed to another worker once; failures are counted by the robust oracle,
         # which stops the search instead of raising inside the gRPC handler.

@@ -1,0 +1,1 @@
+"""Running a study: the walk through its stages, resume, the distributed workers, and `harness train`."""
