@@ -5,6 +5,7 @@ Every command turns a HarnessError into one line on stderr and exit code 2 (neve
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import logging
@@ -41,6 +42,13 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (a study).")]
 ModelUriArg = Annotated[
     str, typer.Argument(help="models:/<name>@champion, models:/<name>/<version>, runs:/<id>/model.")
 ]
+
+
+class Runtime(str, enum.Enum):
+    keras = "keras"
+    onnx = "onnx"
+
+
 ImagePathsArg = Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")]
 
 
@@ -370,19 +378,24 @@ def predict(
     model_uri: ModelUriArg,
     paths: ImagePathsArg,
     out_csv: Annotated[Path | None, typer.Option("--out", help="Also write the table as CSV.")] = None,
+    runtime: Annotated[
+        Runtime, typer.Option(help="keras: the logged Keras model; onnx: its ONNX export, on ONNX Runtime.")
+    ] = Runtime.keras,
 ):
-    """Class probabilities for images, decoded as training decoded them (the model's colour policy and size)."""
+    """Class probabilities for images, decoded as training decoded them (the model's colour policy and size), and
+    the model's decision where it has an operating point."""
     from harness.serving.predict import predict_files
 
-    result, problems = predict_files(model_uri, paths)
+    result, problems = predict_files(model_uri, paths, runtime=runtime.value)
     for problem in problems:  # one line each; the other images are still predicted
         print(f"error: {problem}", file=sys.stderr)
-    classes = [c for c in result.columns if c not in ("file", "predicted")]
+    classes = [c for c in result.columns if c not in ("file", "decision", "predicted")]
+    shown = ["file", *classes, *(["decision"] if "decision" in result.columns else []), "predicted"]
     table = Table(title=model_uri)
-    for col in ["file", *classes, "predicted"]:
+    for col in shown:
         table.add_column(col, overflow="fold")
     for _, row in result.iterrows():
-        table.add_row(row["file"], *[f"{row[c]:.4f}" for c in classes], row["predicted"])
+        table.add_row(*[f"{row[c]:.4f}" if c in classes else str(row[c]) for c in shown])
     out.print(table)
     if out_csv is not None:
         result.to_csv(out_csv, index=False)

@@ -262,7 +262,23 @@ class SearchConfig(Strict):
         return v
 
 
+class OperatingPoint(Strict):
+    """`{class: covid, sensitivity: 0.95}`: the decision threshold on P(class), chosen on the final model's
+    out-of-fold predictions as the largest that reaches the sensitivity there."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    class_: str = Field(alias="class", min_length=1)
+    sensitivity: float = Field(gt=0, le=1)
+
+
 class EvaluationConfig(Strict):
+    # Temperature scaling (one scalar T dividing the log-probabilities), fitted on the final model's out-of-fold
+    # validation predictions, never the test split, and applied inside the logged model: served and predicted
+    # probabilities are the calibrated ones (`val_calibrated.*`, `test_calibrated.*` beside `val.*`, `test.*`).
+    calibrate: bool = True
+    # A clinical operating point for every task holding its class (tasks without it are told so in the log); the
+    # logged model adds a `decision` column (1: P(class) >= threshold) beside its probabilities.
+    operating_point: OperatingPoint | None = None
     # Test-time augmentation: the final model's predictions also averaged over this many augmented copies of each
     # validation and test image (`random_views` at `tta_strength`: rotation, zoom, shift and contrast in one
     # resampling, drawn from the image's hash; no flips), logged as their own metric set, in the nested estimate
@@ -295,6 +311,24 @@ class ModelConfig(Strict):
         return self.name or f"{self.task}-{self.backbone}"
 
 
+class ExportConfig(Strict):
+    # Every final model also exported to ONNX (tf2onnx) and logged beside the Keras model as `onnx` (a pyfunc on ONNX
+    # Runtime, calibration and decision included); the export fails the stage when its probabilities differ from
+    # Keras' by more than 1e-4 on the test images.
+    onnx: bool = True
+    # An INT8 dynamic-quantized variant, scored on the test split (`test_int8.*`) and paired with the float model.
+    int8: bool = False
+    # Serving cost (`cost.*`): calls timed per runtime at batch 1 and 32, median and p95, on the study's machine.
+    latency_repeats: int = Field(20, ge=3, le=1000)
+
+
+class RegistryConfig(Strict):
+    # Crown under a budget: the champion is the best validation objective among models whose batch-1 median latency
+    # (`runtime`, measured at export) is within it; the report names what it excluded. None: no budget.
+    max_latency_ms: float | None = Field(None, gt=0)
+    runtime: Literal["onnx", "keras"] = "onnx"
+
+
 class Recipe(Strict):
     study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig = DataConfig()
@@ -304,6 +338,8 @@ class Recipe(Strict):
     training: TrainingConfig = TrainingConfig()
     search: SearchConfig = SearchConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
     ensembles: list[EnsembleConfig] = Field(default_factory=list)
     # Where Keras application weights are fetched from when absent: a base URL (http(s):// or file://) laid out like
     # Keras' own (<base>/vgg19/<file>); default $HARNESS_WEIGHTS_MIRROR, else Keras' URL.
@@ -391,7 +427,7 @@ class Recipe(Strict):
 
     def resolved(self) -> dict:
         """The fully resolved configuration, as logged with every run."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 def _set_dotted(raw: dict, dotted: str, value) -> None:

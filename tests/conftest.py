@@ -137,9 +137,10 @@ def wait_for_ping(port: int, proc: subprocess.Popen, seconds: float, output) -> 
     pytest.fail(f"the model server on port {port} did not answer /ping in {seconds:.0f} s")
 
 
-def spawn_cli(args, home: Path, uri: str | None = None) -> subprocess.Popen:
+def spawn_cli(args, home: Path, uri: str | None = None, *, log: Path | None = None) -> subprocess.Popen:
     """`harness ARGS` in a process of its own (own session, so a test can kill its group), with its own home and
-    store (the local SQLite file unless `uri` names another), output captured."""
+    store (the local SQLite file unless `uri` names another), output captured — into `log` for a long-lived server
+    no one reads while it serves (its request log would fill a pipe, and a full pipe blocks the server)."""
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -149,7 +150,7 @@ def spawn_cli(args, home: Path, uri: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "harness.cli", *args],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,

@@ -308,7 +308,8 @@ def test_a_two_worker_search_on_postgresql_behind_harness_server(tmp_path, harne
     import mlflow
 
     port = _port()
-    server = _spawn(["server", "--port", str(port), "--backend-store-uri", postgres], harness_home)
+    log = tmp_path / "server.log"
+    server = _spawn(["server", "--port", str(port), "--backend-store-uri", postgres], harness_home, log=log)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -317,7 +318,7 @@ def test_a_two_worker_search_on_postgresql_behind_harness_server(tmp_path, harne
                 if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
                     break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:]
+                assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
         path = write_recipe(tmp_path / "r.yaml", **{"search.max_trials": 4})
         tune = _spawn(["tune", str(path), "--workers", "2"], harness_home, uri=uri)

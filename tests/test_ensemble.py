@@ -176,7 +176,10 @@ assert importlib.util.find_spec("harness") is None, "harness is importable"
 import mlflow, numpy as np
 x = np.load({str(tmp_path / "x.npy")!r})
 keys = {[ENSEMBLE, LITE0, LITE1]!r}
-out = {{k: mlflow.pyfunc.load_model(f"models:/tiny-{{k}}/1").predict(x).to_numpy().tolist() for k in keys}}
+# the raw probabilities (the pyfunc calibrates each model with its own temperature), and the pyfunc's answer
+out = {{k: np.asarray(mlflow.keras.load_model(f"models:/tiny-{{k}}/1")(x)).tolist() for k in keys}}
+served = mlflow.pyfunc.load_model(f"models:/tiny-{ENSEMBLE}/1").predict(x)
+out["served"] = served.to_numpy().tolist()
 assert "harness" not in sys.modules
 print("RESULT" + json.dumps(out))
 """)
@@ -188,6 +191,9 @@ print("RESULT" + json.dumps(out))
     out = {k: np.array(v) for k, v in json.loads(res.stdout.split("RESULT", 1)[1]).items()}
     assert out[ENSEMBLE].shape == (4, len(task.classes))
     np.testing.assert_allclose(out[ENSEMBLE], (out[LITE0] + out[LITE1]) / 2, atol=1e-5)
+    served = out["served"][:, : len(task.classes)]  # then the operating point's decision column
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-6)
+    assert (served.argmax(axis=1) == out[ENSEMBLE].argmax(axis=1)).all()  # a temperature never changes the label
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`harness compare` on a small real study: every section, figures per model, honest CIs, McNemar per pair, numbers
+"""`harness compare` on a small real study: every section, figures per model, exact CIs, McNemar per pair, numbers
 that match MLflow, and an HTML file that renders in headless Chromium with its images loaded."""
 
 import re
@@ -13,20 +13,18 @@ from harness.cli import app
 
 from conftest import write_recipe
 
-SECTIONS = [
+SECTIONS = [  # the report's level-2 sections, the comparisons and the provenance folded
     "Summary",
     "Champions",
     "Against the floor",
     "Pairwise comparison on the same test images",
-    "Confusion matrices (test)",
-    "Training curves",
-    "t-SNE of penultimate-layer features",
-    "Tuning overview",
     "Where the models look (Grad-CAM)",
     "Source audit",
+    "Models of task task2, in selection order",
     "Device and timing",
     "Data",
 ]
+MODEL_PARTS = ["Training curves", "t-SNE of penultimate-layer features", "Head search", "Where it looks (Grad-CAM)"]
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +76,15 @@ def use_study_store(request, monkeypatch):
 def test_report_has_every_section_and_figure(study):
     md = (study["out"] / "report.md").read_text()
     for s in SECTIONS:
-        assert f"## {s}" in md, s
+        assert f"\n## {s}\n" in md, s
     for key in ("task2-efficientnet_lite0", "task2-vgg19"):
         assert (study["out"] / f"confusion-{key}.png").is_file() and (study["out"] / f"tsne-{key}.png").is_file()
         assert md.count(f"confusion-{key}.png") == 1 and md.count(f"tsne-{key}.png") == 1
-    assert "Missing (no final run yet): task1-densenet121" in md
+        details = md.split(f"\n### {key}", 1)[1].split("\n### ", 1)[0]  # the model's folded details
+        assert all(f"\n#### {part}\n" in details for part in MODEL_PARTS), key
+        assert f"confusion-{key}.png" in details and "forest-task2.png" not in details
+    assert md.index("## Summary") < md.index("forest-task2.png") < md.index("## Champions")
+    assert "Not in this report: task1-densenet121 (no final run yet)." in md
     assert "report.html" in study["output"]
 
 
@@ -96,11 +98,13 @@ def test_report_numbers_match_mlflow_and_cis_hold(study):
     for run in finals:
         m = run.data.metrics
         key = run.data.tags["model_key"]
-        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {key} |"))
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {key} |"))  # its summary row
         acc, lo, hi = map(float, re.search(r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", row).groups())
         assert acc == pytest.approx(m["test.accuracy"], abs=5e-4)
-        assert lo == pytest.approx(m["test.accuracy_ci_low"], abs=5e-4)
+        assert lo == pytest.approx(m["test.accuracy_cp_low"], abs=5e-4)  # exact, as logged
+        assert hi == pytest.approx(m["test.accuracy_cp_high"], abs=5e-4)
         assert lo <= acc <= hi
+        assert row.split("|")[2].strip() == f"{m['search.val_loss']:.4f}"  # what chose it
     # The pairwise row: counts and p recomputed from the two models' logged per-image predictions.
     import tempfile
 
@@ -112,8 +116,11 @@ def test_report_numbers_match_mlflow_and_cis_hold(study):
             rows = read_predictions(client, run.info.run_id, tmp)
             test = sorted((r["file"], r["true"] == r["pred"]) for r in rows if r["split"] == "test")
             correct[run.data.tags["model_key"]] = np.array([ok for _, ok in test])
-    expected = mcnemar(correct["task2-efficientnet_lite0"], correct["task2-vgg19"])
-    (row,) = [ln for ln in md.splitlines() if ln.startswith("| task2 | task2-efficientnet_lite0 | task2-vgg19 |")]
+    # Model A is the first of the pair in selection order (by the validation objective that chose them).
+    chose = {r.data.tags["model_key"]: r.data.metrics["search.val_loss"] for r in finals}
+    a, b = sorted(correct, key=chose.get)
+    expected = mcnemar(correct[a], correct[b])
+    (row,) = [ln for ln in md.splitlines() if ln.startswith(f"| task2 | {a} | {b} |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert [int(c) for c in cells[3:7]] == [expected[k] for k in ("both_right", "a_only", "b_only", "both_wrong")]
     assert float(cells[7]) == pytest.approx(expected["p_value"], abs=5e-5)

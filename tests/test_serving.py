@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,7 +43,8 @@ def served_study(tmp_path_factory, session_cache):
     """A tiny study tuned and compared once (so a champion exists), in its own store."""
     tmp = tmp_path_factory.mktemp("serve")
     with own_store(tmp / "home", tmp / "k", session_cache):
-        recipe = write_recipe(tmp / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2})
+        # 3 folds: 30 out-of-fold images, enough for the temperature (the demo's operating point on covid)
+        recipe = write_recipe(tmp / "r.yaml", **{"search.max_trials": 1, "training.epochs": 2, "search.cv_folds": 3})
         assert CliRunner().invoke(app, ["tune", str(recipe)]).exit_code == 0
         res = CliRunner().invoke(app, ["compare", str(recipe), "--out", str(tmp / "report")])
         assert res.exit_code == 0, res.output
@@ -76,7 +78,8 @@ except ImportError:
     pass
 uri = "models:/tiny-task2@champion"
 x = np.load({str(tmp_path / "x.npy")!r})
-out = {{"pyfunc": mlflow.pyfunc.load_model(uri).predict(x).to_dict(orient="split")}}
+pyfunc = mlflow.pyfunc.load_model(uri)
+out = {{"pyfunc": pyfunc.predict(x).to_dict(orient="split"), "config": dict(pyfunc.model_config)}}
 for name, load in (("keras", mlflow.keras.load_model), ("tensorflow", mlflow.tensorflow.load_model)):
     out[name] = np.asarray(load(uri)(x)).tolist()
 print("RESULT" + json.dumps(out))
@@ -91,11 +94,17 @@ print("RESULT" + json.dumps(out))
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
-    assert out["pyfunc"]["columns"] == served_study["classes"]
-    p = np.array(out["pyfunc"]["data"])
+    classes = served_study["classes"]
+    assert out["pyfunc"]["columns"] == classes + ["decision"]  # the recipe's operating point adds the decision
+    answer = np.array(out["pyfunc"]["data"])
+    p, decision = answer[:, : len(classes)], answer[:, -1]
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(p, out["keras"], atol=1e-6)
-    np.testing.assert_allclose(p, out["tensorflow"], atol=1e-6)
+    np.testing.assert_allclose(out["keras"], out["tensorflow"], atol=1e-6)
+    # the Keras flavors give the raw probabilities; the pyfunc the calibrated ones, softmax(log p / T)
+    t, op = out["config"]["temperature"], out["config"]["operating_point"]
+    z = np.log(np.asarray(out["keras"])) / t
+    np.testing.assert_allclose(p, np.exp(z) / np.exp(z).sum(axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_array_equal(decision, (p[:, classes.index(op["class"])] >= op["threshold"]).astype(int))
 
 
 @pytest.mark.slow
@@ -149,16 +158,31 @@ def test_served_champion_answers_like_harness_predict_and_keeps_the_grey_policy(
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     classes = served_study["classes"]
-    assert all(list(r) == classes for r in rows)
+    assert all(list(r) == classes + ["decision"] for r in rows)
     served = np.array([[r[c] for c in classes] for r in rows])
+    assert [r["decision"] for r in rows[:2]] == expected["decision"].tolist()  # the same call as `harness predict`
     np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(served[:2], expected[classes].to_numpy(), atol=1e-5)  # same as `harness predict`
-    np.testing.assert_allclose(served[2], served[3], atol=2e-3)  # colour in, PIL's grey treatment (± its rounding)
+    # colour in, PIL's grey treatment (± its rounding, which a temperature below 1 sharpens by up to 1/T)
+    t = mlflow.pyfunc.load_model("models:/tiny-task2@champion").model_config["temperature"]
+    np.testing.assert_allclose(served[2], served[3], atol=2e-3 / min(1.0, t))
+
+
+def _registered_final(client, exp: str, study: str, key: str, metrics: dict):
+    """A FINISHED final run of task `t` with these metrics, registered as `<study>-<key>` (no training)."""
+    with mlflow.start_run(
+        experiment_id=exp,
+        tags={"harness.kind": "final", "task": "t", "model_key": key, "registered_model": f"{study}-{key}"},
+    ) as r:
+        mlflow.log_metrics(metrics)
+    if not client.search_registered_models(f"name = '{study}-{key}'"):
+        client.create_registered_model(f"{study}-{key}")
+    client.create_model_version(f"{study}-{key}", f"runs:/{r.info.run_id}/model", run_id=r.info.run_id)
+    return client.get_run(r.info.run_id)
 
 
 def test_champion_is_chosen_by_validation_never_by_test_and_moves_only_for_better(tmp_path, mlflow_client):
     """Real runs and registered versions, no training: their logged numbers decide."""
-    import mlflow
 
     from harness.tracking import runs as tracking
     from harness.tracking.registry import crown_champions
@@ -166,15 +190,9 @@ def test_champion_is_chosen_by_validation_never_by_test_and_moves_only_for_bette
     exp = tracking.setup("alias")
 
     def final(key, val_loss, test_accuracy):
-        with mlflow.start_run(
-            experiment_id=exp,
-            tags={"harness.kind": "final", "task": "t", "model_key": key, "registered_model": f"alias-{key}"},
-        ) as r:
-            mlflow.log_metrics({"search.val_loss": val_loss, "test.accuracy": test_accuracy})
-        if not mlflow_client.search_registered_models(f"name = 'alias-{key}'"):
-            mlflow_client.create_registered_model(f"alias-{key}")
-        mlflow_client.create_model_version(f"alias-{key}", f"runs:/{r.info.run_id}/model", run_id=r.info.run_id)
-        return mlflow_client.get_run(r.info.run_id)
+        return _registered_final(
+            mlflow_client, exp, "alias", key, {"search.val_loss": val_loss, "test.accuracy": test_accuracy}
+        )
 
     a, b = final("a", val_loss=0.50, test_accuracy=0.95), final("b", val_loss=0.30, test_accuracy=0.60)
     first = crown_champions("alias", [a, b])["t"]
@@ -188,6 +206,62 @@ def test_champion_is_chosen_by_validation_never_by_test_and_moves_only_for_bette
     d = final("d", val_loss=0.20, test_accuracy=0.5)
     moved = crown_champions("alias", [a, c, d])["t"]
     assert moved["moved"] and moved["model_key"] == "d" and moved["version"] != first["version"]
+
+
+def test_latency_budget_crowns_the_best_model_within_it_and_names_what_it_excluded(tmp_path, mlflow_client):
+    """Real runs and registered versions, no training: a tiny budget excludes the better, slower model."""
+
+    from harness.recipe import load_recipe
+    from harness.stages.champion import crown_study
+    from harness.tracking import runs as tracking
+
+    exp = tracking.setup("budget")
+
+    def final(key, val_loss, onnx_ms):
+        metrics = {"search.val_loss": val_loss, "cost.onnx.b1.median_ms": onnx_ms}
+        return _registered_final(mlflow_client, exp, "budget", key, metrics)
+
+    final("slow", val_loss=0.2, onnx_ms=40.0)
+    final("fast", val_loss=0.4, onnx_ms=5.0)
+    unbudgeted = load_recipe(write_recipe(tmp_path / "a.yaml", study="budget"))
+    assert crown_study(unbudgeted)["t"]["model_key"] == "slow"  # no budget: the best validation objective, as before
+    assert not any(k.startswith("harness.budget_excluded.") for k in mlflow_client.get_experiment(exp).tags)
+    budgeted = load_recipe(write_recipe(tmp_path / "b.yaml", study="budget", **{"registry.max_latency_ms": 10}))
+    crowned = crown_study(budgeted)["t"]
+    assert crowned["model_key"] == "fast" and crowned["moved"]  # the holder went over budget: the alias moves
+    assert mlflow_client.get_model_version_by_alias("budget-t", "champion").tags["model_key"] == "fast"
+    assert "slow (40.0 ms > 10 ms, onnx)" in mlflow_client.get_experiment(exp).tags["harness.budget_excluded.t"]
+
+
+@pytest.mark.slow
+def test_onnx_export_answers_like_harness_predict_in_a_process_that_cannot_import_harness(served_study, tmp_path):
+    res = CliRunner().invoke(
+        app, ["predict", "models:/tiny-task2@champion", str(served_study["images"]), "--out", str(tmp_path / "k.csv")]
+    )
+    assert res.exit_code == 0, res.output
+    args = ["predict", "models:/tiny-task2@champion", str(served_study["images"]), "--runtime", "onnx"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o.csv")])
+    assert res.exit_code == 0, res.output
+    keras_rows, onnx_rows = pd.read_csv(tmp_path / "k.csv"), pd.read_csv(tmp_path / "o.csv")
+    classes = served_study["classes"]
+    np.testing.assert_allclose(onnx_rows[classes], keras_rows[classes], atol=1e-4)  # the parity bound
+    assert onnx_rows["decision"].tolist() == keras_rows["decision"].tolist()
+    run_id = mlflow.models.get_model_info("models:/tiny-task2@champion").run_id
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(served_study["images"].iterdir())])
+    np.save(tmp_path / "x.npy", x.astype("float32"))
+    script = f"""
+import json, sys, numpy as np, mlflow
+model = mlflow.pyfunc.load_model("runs:/{run_id}/onnx")
+out = model.predict(np.load({str(tmp_path / "x.npy")!r}))
+print("RESULT" + json.dumps({{"rows": out.to_dict(orient="split"), "tf": "tensorflow" in sys.modules}}))
+"""
+    env = _no_harness_env(tmp_path, served_study["home"])
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    assert not out["tf"]  # ONNX Runtime alone: the server needs no TensorFlow
+    served = pd.DataFrame(out["rows"]["data"], columns=out["rows"]["columns"])
+    np.testing.assert_allclose(served[classes], keras_rows[classes], atol=1e-4)
 
 
 @pytest.mark.slow
@@ -205,7 +279,7 @@ def test_predict_reads_a_folder_and_names_each_unreadable_file(served_study, tmp
     assert len(errors) == 1 and "broken.png" in errors[0] and "Traceback" not in res.output
     table = pd.read_csv(tmp_path / "p.csv")
     assert sorted(Path(f).name for f in table["file"]) == sorted(f.name for f in served_study["images"].iterdir())
-    assert list(table.columns) == ["file", *served_study["classes"], "predicted"]
+    assert list(table.columns) == ["file", *served_study["classes"], "decision", "predicted"]
     np.testing.assert_allclose(table[served_study["classes"]].sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -270,3 +344,68 @@ def test_explain_names_each_broken_symbolic_link_and_a_link_loop(served_study, t
     named = sorted(ln.split(": ")[1] for ln in res.output.splitlines() if ln.startswith("error:"))
     assert named == sorted(str(folder / name) for name in [*BROKEN, "again"])
     assert len(list((tmp_path / "cams").glob("*.gradcam.png"))) == len(list(served_study["images"].iterdir()))
+
+
+def _final_run(client):
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], filter_string="tags.`harness.kind` = 'final'"
+    )
+    return run
+
+
+def _rows(client, run, tmp_path, split):
+    from harness.evaluation.metrics import read_predictions
+
+    return pd.DataFrame([r for r in read_predictions(client, run.info.run_id, str(tmp_path)) if r["split"] == split])
+
+
+@pytest.mark.slow
+def test_temperature_is_fitted_on_the_out_of_fold_predictions_and_the_test_split_is_read_once(
+    served_study, mlflow_client, tmp_path
+):
+    from harness.evaluation.calibration import apply_temperature, fit_temperature
+
+    run = _final_run(mlflow_client)
+    classes = served_study["classes"]
+    val = _rows(mlflow_client, run, tmp_path, "val")  # out of fold: each image by the fold member that left it out
+    y = val["true"].map(classes.index).to_numpy()
+    refit = fit_temperature(val[[f"p.{c}" for c in classes]].to_numpy(), y)
+    assert run.data.metrics["calibration.temperature"] == pytest.approx(refit, rel=1e-3)
+    assert run.data.metrics["test_reads"] == 1  # calibration transformed the stage's one set of test predictions
+    test, cal = _rows(mlflow_client, run, tmp_path, "test"), _rows(mlflow_client, run, tmp_path, "test_calibrated")
+    p = test[[f"p.{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(cal[[f"p.{c}" for c in classes]], apply_temperature(p, refit), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_operating_threshold_meets_its_sensitivity_on_the_out_of_fold_predictions(
+    served_study, mlflow_client, tmp_path
+):
+    run = _final_run(mlflow_client)
+    cls, threshold = run.data.tags["op.class"], run.data.metrics["op.threshold"]
+    val = _rows(mlflow_client, run, tmp_path, "val_calibrated")
+    positive = (val["true"] == cls).to_numpy()
+    called = (val[f"p.{cls}"] >= threshold).to_numpy()
+    assert called[positive].mean() >= run.data.metrics["op.target_sensitivity"]
+    assert run.data.metrics["op.val.sensitivity"] == pytest.approx(called[positive].mean())
+
+
+@pytest.mark.slow
+def test_every_registered_version_carries_the_model_card_of_its_run(served_study, mlflow_client):
+    versions = mlflow_client.search_model_versions("")
+    assert {v.name for v in versions} == {"tiny-task2", "tiny-task2-efficientnet_lite0"}
+    for v in versions:
+        card = mlflow.artifacts.load_text(f"runs:/{v.run_id}/model_card.md")
+        assert card.startswith("# Model card") and v.description == card
+        assert "research and teaching only" in card and "Temperature" in card and "Operating point" in card
+
+
+@pytest.mark.slow
+def test_every_final_run_logs_its_train_validation_and_test_sets_as_datasets_with_digests(served_study, mlflow_client):
+    run = _final_run(mlflow_client)
+    inputs = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"train", "validation", "test"}
+    assert all(len(d.digest) >= 8 for d in inputs.values())
+    assert len({d.digest for d in inputs.values()}) == 3

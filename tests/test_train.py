@@ -133,3 +133,22 @@ def test_a_backbone_override_the_schema_refuses_is_blamed_on_the_option_not_the_
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith("error: --backbone x: not a valid override of model task2-efficientnet_lite0 (")
     assert "demo.yaml" not in lines[0] and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_a_recipe_without_an_operating_point_logs_none_and_its_model_answers_probabilities_only(
+    tmp_path, mlflow_client
+):
+    import mlflow
+
+    from conftest import write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", **{"evaluation.operating_point": None})
+    res = CliRunner().invoke(app, ["train", str(path), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tiny").experiment_id])
+    assert "op.class" not in run.data.tags and not any(k.startswith("op.") for k in run.data.metrics)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert "operating_point" not in model.model_config
+    out = model.predict(np.zeros((2, 32, 32, 3), "float32"))
+    assert list(out.columns) == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]

@@ -70,6 +70,7 @@ class Study:
     champions: dict = field(
         default_factory=dict
     )  # per task: the alias `champion` and why (moved by the study's champion stage)
+    skipped: dict = field(default_factory=dict)  # model key -> why the search skipped it (an experiment tag)
 
 
 def _artifact_json(client, run_id: str, path: str, tmp: Path):
@@ -95,7 +96,12 @@ def _trials(client, parent: Run) -> list[dict]:
                 **{k.removeprefix(schema.HP): v for k, v in r.data.params.items() if k.startswith(schema.HP)},
             }
         )
-    return sorted(rows, key=lambda r: r["trial"])
+    return sorted(rows, key=lambda r: _trial_order(r["trial"]))
+
+
+def _trial_order(trial: str) -> tuple:
+    """Trial ids in number order ("2" before "10"), as Keras Tuner counts them (from 0)."""
+    return (0, int(trial), "") if str(trial).isdigit() else (1, 0, str(trial))
 
 
 def collect(study: str, expected: list[str] | None = None) -> Study:
@@ -170,4 +176,6 @@ def collect(study: str, expected: list[str] | None = None) -> Study:
     }
     expected = [*(expected or []), *(k for k in skipped if k not in (expected or []))]  # a skipped ensemble too
     missing = [f"{k} (skipped: {skipped[k]})" if k in skipped else k for k in expected if k not in chosen]
-    return Study(study, exp.experiment_id, models, missing, finals)
+    return Study(
+        study, exp.experiment_id, models, missing, finals, skipped={k: v for k, v in skipped.items() if k not in chosen}
+    )

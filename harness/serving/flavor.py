@@ -89,7 +89,10 @@ def log_classifier(
     log.info("Logging the model%s", f" and registering it as {registered_model_name}" if registered_model_name else "")
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, 3))]),
-        outputs=Schema([ColSpec("double", c) for c in classes]),
+        outputs=Schema(
+            [ColSpec("double", c) for c in classes]
+            + ([ColSpec("long", "decision")] if "operating_point" in config else [])
+        ),
     )
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = os.path.join(tmp, "model.keras")
@@ -106,3 +109,30 @@ def log_classifier(
             registered_model_name=registered_model_name,
             pip_requirements=requirements(),
         )
+
+
+def log_onnx(path, classes: list[str], image_size: int, colour: str, **config) -> mlflow.models.model.ModelInfo:
+    """Log an ONNX export as the pyfunc `onnx` of the active run: the same models-from-code file on ONNX Runtime,
+    answering exactly as the Keras model's pyfunc (class columns, calibration, decision); it needs no TensorFlow."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    outputs = [ColSpec("double", c) for c in classes]
+    if "operating_point" in config:
+        outputs.append(ColSpec("long", "decision"))
+    return mlflow.pyfunc.log_model(
+        name="onnx",
+        python_model=str(SERVING_CODE),
+        artifacts={"onnx_model": str(path)},
+        model_config={"classes": list(classes), "image_size": image_size, "colour": colour, **config},
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, 3))]), outputs=Schema(outputs)
+        ),
+        input_example=input_example(image_size),
+        pip_requirements=[
+            f"mlflow=={mlflow.__version__}",
+            f"onnxruntime=={importlib.metadata.version('onnxruntime')}",
+            "pandas",
+            "numpy",
+        ],
+    )

@@ -79,12 +79,15 @@ def _walk(folder: Path, ancestors: dict[tuple[int, int], Path], found: list[Path
                 problems.append(f"{f}: not a regular file")
 
 
-def load_for_images(model_uri: str):
-    """(pyfunc model, its model_config) of a harness model, or one line saying why not."""
+def load_for_images(model_uri: str, *, runtime: str = "keras"):
+    """(pyfunc model, its model_config) of a harness model, or one line saying why not; `runtime` "onnx": the ONNX
+    export logged beside it (`runs:/<its run>/onnx`)."""
     from harness.paths import get_paths
 
     mlflow.set_tracking_uri(get_paths().tracking_uri)
     try:
+        if runtime == "onnx":
+            model_uri = onnx_uri(model_uri)
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # a wrong URI or a model that is not there: the user's input
         raise HarnessError(f"{model_uri}: cannot load ({str(e).splitlines()[0][:300]})") from None
@@ -95,6 +98,14 @@ def load_for_images(model_uri: str):
             f"harness; load it with harness.load_model instead"
         )
     return model, cfg
+
+
+def onnx_uri(model_uri: str) -> str:
+    """The ONNX export of the run that logged `model_uri` (a registered version, alias, or run model)."""
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    if not run_id:
+        raise HarnessError(f"{model_uri}: no run logged it, so no ONNX export beside it")
+    return f"runs:/{run_id}/onnx"
 
 
 def decode_for(cfg: dict, files: list[Path]) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -114,12 +125,12 @@ def decode_for(cfg: dict, files: list[Path]) -> tuple[list[Path], np.ndarray, li
     return good, (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), problems
 
 
-def predict_files(model_uri: str, paths: list[Path], batch_size: int = 32):
+def predict_files(model_uri: str, paths: list[Path], batch_size: int = 32, *, runtime: str = "keras"):
     """(a table of class probabilities per readable image, one line per image that could not be read). Images are
     decoded as training decoded them: the model's colour policy and size, from its `model_config`."""
     import pandas as pd
 
-    model, cfg = load_for_images(model_uri)
+    model, cfg = load_for_images(model_uri, runtime=runtime)
     files, problems = image_files(paths)
     good, arrays, unreadable = decode_for(cfg, files)
     problems += unreadable

@@ -24,6 +24,8 @@ from harness.features.prepared import Prepared
 from harness.models.heads import average
 from harness.recipe import EnsembleConfig, ModelConfig, Recipe
 from harness.serving.flavor import log_classifier
+from harness.stages.calibrate import calibrate
+from harness.stages.export import export_final
 from harness.stages.finalize import log_gradcam, log_split_metrics
 from harness.stages.search import summary_of
 from harness.study.resume import check_interrupt
@@ -228,11 +230,14 @@ def record(
                 "model.colour": prep.colour,
             }
         )
+        tracking.log_datasets(prep)
         val = log_split_metrics(prep, "val", idx, val_proba, seed)
         score = val[objective.removeprefix("val_")]  # val_loss: the log loss, val_accuracy: the accuracy
         mlflow.log_metric(f"{schema.SEARCH_PREFIX}{objective}", score)
-        test, test_rows = evaluate_test(prep, model, tmp)
-        log_predictions(prediction_rows(t, idx, val_proba, "val") + test_rows)
+        test, test_rows, (test_idx, test_proba) = evaluate_test(prep, model, tmp)
+        calibrated_rows, served = calibrate(prep, idx, val_proba, test_idx, test_proba)
+        calibrated_rows += export_final(prep, model, test_idx, served, tmp)
+        log_predictions(prediction_rows(t, idx, val_proba, "val") + test_rows + calibrated_rows)
         log_member_artifacts(e, finals, tmp)
         log_classifier(
             model,
@@ -244,6 +249,7 @@ def record(
             model_key=e.key,
             backbone=backbones,
             members=list(e.members),
+            **served,
         )
     log.info("ensemble %s: %s %.4f on its members' validation images", e.key, objective, score)
     return {
@@ -255,16 +261,17 @@ def record(
     }
 
 
-def evaluate_test(prep: Prepared, model: keras.Model, tmp: Path) -> tuple[dict, list[dict]]:
+def evaluate_test(prep: Prepared, model: keras.Model, tmp: Path) -> tuple[dict, list[dict], tuple]:
     """The ensemble model run once on the test split (read once, counted), logged as a member's final model is:
-    `test.*` metrics, the confusion matrix, Grad-CAM (the members' maps averaged); returns metrics and rows."""
+    `test.*` metrics, the confusion matrix, Grad-CAM (the members' maps averaged); returns metrics, rows and
+    (test images, probabilities)."""
     from harness.training.fit import predict
 
     t = prep.task
     test = prep.read_test()
     mlflow.log_metric("test_reads", prep.test_reads)
     if not len(test):
-        return {}, []
+        return {}, [], (test, None)
     proba = as_proba(predict(model, t.images(test)), prep.n_classes)
     out = log_split_metrics(prep, "test", test, proba, prep.recipe.data.seed)
     title = f"{prep.mcfg.key} — test (n={len(test)})"
@@ -272,7 +279,7 @@ def evaluate_test(prep: Prepared, model: keras.Model, tmp: Path) -> tuple[dict, 
         str(confusion_figure(t.y[test], proba.argmax(axis=1), t.classes, title, tmp / "confusion_test.png"))
     )
     log_gradcam(prep, model, test, proba, tmp)
-    return out, prediction_rows(t, test, proba, "test")
+    return out, prediction_rows(t, test, proba, "test"), (test, proba)
 
 
 def log_member_artifacts(e: EnsembleConfig, finals: dict, tmp: Path) -> None:

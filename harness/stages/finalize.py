@@ -24,6 +24,8 @@ from harness.features.store import extract
 from harness.models.backbones import SPECS
 from harness.models.heads import average, penultimate, random_views
 from harness.recipe import HeadConfig, SearchConfig, TrainingConfig
+from harness.stages.calibrate import calibrate
+from harness.stages.export import export_final
 from harness.tracking import runs as tracking
 from harness.tracking import schema
 from harness.training.fit import FitResult, Fold, fit_on, optimizer_factory, predict
@@ -227,21 +229,29 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
         # 0.735 / 0.758).
         mlflow.set_tag("tta.trained_with_augmentation", str(final.augment > 0).lower())
     full = final.full_model(prep)
+    tracking.log_datasets(prep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         predictors = split_predictors(prep, final)
-        rows = evaluate_val(prep, final, predictors, out)
-        test = prep.read_test()  # the one read of the test split for this model
+        rows, val_idx, val_proba = evaluate_val(prep, final, predictors, out)
+        test, proba = prep.read_test(), None  # the one read of the test split for this model
         if len(test):
             test_rows, proba = evaluate_test(prep, final, predictors, test, out, tmp)
             rows += test_rows
             log_gradcam(prep, full, test, proba, tmp)
+        served = {}
+        if len(val_idx):
+            calibrated_rows, served = calibrate(prep, val_idx, val_proba, test, proba)
+            rows += calibrated_rows
+        else:
+            log.warning("%s: no out-of-fold predictions (final %s): not calibrated", prep.mcfg.key, final.mode)
+        rows += export_final(prep, full, test, served, tmp)
         mlflow.log_metric("test_reads", prep.test_reads)
         log_predictions(rows)
         t1 = time.perf_counter()
         log_embeddings(prep, final, tmp)
     t2 = time.perf_counter()
-    log_full_model(prep, full, register_as)
+    log_full_model(prep, full, register_as, served)
     mlflow.log_metrics(
         {"evaluate_seconds": t1 - t0, "embed_seconds": t2 - t1, "log_model_seconds": time.perf_counter() - t2}
     )
@@ -264,19 +274,21 @@ def split_predictors(prep: Prepared, final: FinalModel) -> dict:
     return out
 
 
-def evaluate_val(prep: Prepared, final: FinalModel, predictors: dict, out: dict) -> list:
-    """Each member on its own validation images (paired with the plain figures: McNemar out of fold)."""
+def evaluate_val(prep: Prepared, final: FinalModel, predictors: dict, out: dict) -> tuple[list, np.ndarray, np.ndarray]:
+    """Each member on its own validation images (paired with the plain figures: McNemar out of fold); returns the
+    prediction rows, the images and their plain (image alone) out-of-fold probabilities."""
     val = [(k, f.val) for k, f in enumerate(final.folds) if f.val is not None and len(f.val)]
     if not val:
-        return []
+        return [], np.array([], dtype=int), np.zeros((0, prep.n_classes))
     idx = np.concatenate([v for _, v in val])
     order = np.argsort(idx)
-    idx, rows = idx[order], []
+    idx, rows, plain = idx[order], [], None
     for suffix, predict_member in predictors.items():
         proba = np.concatenate([predict_member(prep, final, k, v) for k, v in val])[order]
         out[f"val{suffix}"] = log_split_metrics(prep, f"val{suffix}", idx, proba, prep.recipe.data.seed)
         rows += prediction_rows(prep.task, idx, proba, f"val{suffix}")
-    return rows
+        plain = proba if suffix == "" else plain
+    return rows, idx, plain
 
 
 def evaluate_test(
@@ -369,8 +381,9 @@ def log_split_metrics(prep: Prepared, name: str, idx: np.ndarray, proba: np.ndar
     return m
 
 
-def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) -> None:
-    """The final model as a standard MLflow model (loadable and servable without the harness), registered."""
+def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None, served: dict | None = None) -> None:
+    """The final model as a standard MLflow model (loadable and servable without the harness), registered; `served`:
+    the temperature and operating point it applies (`harness.stages.calibrate`)."""
     from harness.serving.flavor import log_classifier
 
     log_classifier(
@@ -382,6 +395,7 @@ def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None) 
         study=prep.recipe.study,
         model_key=prep.mcfg.key,
         backbone=prep.mcfg.backbone,
+        **(served or {}),
     )
 
 

@@ -3,7 +3,8 @@
 A stage has a name, the kind of the run that marks it done under a model's search run, whether the recipe asks for it,
 how to run it, and (for the stage whose summary the study returns) how to recall a run recorded already. Resume asks
 each stage whether its run is there (`harness.study.run`); adding a stage touches `STAGES` only. After every model:
-the recipe's ensembles, then the champions (`harness.study.run.tune`), then the report (`harness.study.pipeline`).
+the recipe's ensembles, the champions, the model cards (`harness.study.run.tune`), then the report
+(`harness.study.pipeline`).
 """
 
 from __future__ import annotations

@@ -159,8 +159,15 @@ def fingerprint(r, m, prep=None) -> dict[str, str]:
         ),
         "fine-tuning": _digest(finetune_settings(r.finetune_for(m))),
         "nested estimate": str(r.search.nested_cv),
-        "evaluation": _digest(r.evaluation.model_dump(mode="json")),
+        "evaluation": _digest(evaluation_settings(r.evaluation)),
     }
+
+
+def evaluation_settings(cfg) -> dict:
+    """The evaluation options, those that came after stores were written (calibration, operating point) left out at
+    their defaults, so a study begun before them still resumes."""
+    later = {"calibrate": True, "operating_point": None}
+    return {k: v for k, v in cfg.model_dump(mode="json", by_alias=True).items() if later.get(k, object()) != v}
 
 
 # Fine-tuning options that came after stores were written (whole-backbone fine-tuning): at their defaults they are

@@ -17,6 +17,7 @@ from harness.paths import get_paths
 from harness.recipe import ModelConfig, Recipe
 from harness.stages.champion import crown_study
 from harness.stages.ensemble import build_ensembles
+from harness.stages.model_card import write_cards
 from harness.stages.search import summary_of
 from harness.study.plan import DISCARDED_KINDS, STAGE_KINDS, STAGES, Walk
 from harness.study.resume import StudyLock, atomic_json, changed_parts, check_interrupt, fingerprint
@@ -329,7 +330,8 @@ def tune(
             if local is not None:
                 local.stop()
         out += build_ensembles(recipe, out)  # the recipe's ensembles of the final models, candidates as well
-        crown_study(recipe.study)
+        crown_study(recipe)
+        write_cards(recipe.study)  # after the crown: the champion's new version carries its card too
     return out
 
 

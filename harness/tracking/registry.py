@@ -3,6 +3,7 @@ model with the best validation objective (test metrics are never read)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -74,10 +75,11 @@ def candidates(finals: list) -> dict[str, list[Candidate]]:
     return by_task
 
 
-def crown_champions(study: str, finals: list) -> dict[str, dict]:
+def crown_champions(study: str, finals: list, *, barred: frozenset[str] = frozenset()) -> dict[str, dict]:
     """Per task, give the final model with the best validation objective the alias `champion` on the task's
     registered model `<study>-<task>` (a version pointing at that model). The alias moves only when a strictly
-    better model exists; returns per task what holds it and why."""
+    better model exists, or when its holder's run is `barred` (over the study's latency budget; `finals` then holds
+    only the models within it); returns per task what holds it and why."""
     c = tracking.client()
     by_task = candidates(finals)
     out = {}
@@ -85,7 +87,8 @@ def crown_champions(study: str, finals: list) -> dict[str, dict]:
         best = choose(sorted(cands, key=lambda x: x.model_key))
         task_name = f"{study}-{task}"
         current = _current(c, task_name)
-        moved = current is None or (current.run_id != best.run_id and best.better_than(current))
+        moved = current is None or current.run_id in barred
+        moved = moved or (current.run_id != best.run_id and best.better_than(current))
         if moved:
             if c.search_registered_models(f"name = '{task_name}'") == []:
                 c.create_registered_model(
@@ -177,3 +180,10 @@ def latest_finals(study: str) -> list:
     for r in runs:
         newest.setdefault(r.data.tags.get(schema.MODEL_KEY, "?"), r)
     return list(newest.values())
+
+
+def drop_champion(study: str, task: str) -> None:
+    """No model of the task is eligible (all over the budget): no version holds `champion`."""
+    c = tracking.client()
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # no alias (or no registered model) to drop
+        c.delete_registered_model_alias(f"{study}-{task}", CHAMPION)

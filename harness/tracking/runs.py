@@ -255,3 +255,29 @@ class EpochProgress:
             advance=1,
             description=f"Training {self.label}" + (f" (val_loss {val:.3f})" if val is not None else ""),
         )
+
+
+def log_datasets(prep) -> None:
+    """The task's train / validation / test image sets as MLflow dataset inputs of the active run (file, content
+    hash, label, patient group; MLflow digests each table), so the UI shows what the model was fitted and tested on."""
+    import warnings
+
+    import pandas as pd
+
+    t = prep.task
+    names = {"train": "train", "val": "validation", "test": "test"}
+    for split, idx in t.splits.items():
+        table = pd.DataFrame(
+            {
+                "file": [str(t.files[i]) for i in idx],
+                "sha1": [t.sha1s[i] for i in idx],
+                "label": [t.classes[t.y[i]] for i in idx],
+                "group": [str(t.groups[i]) for i in idx],
+            }
+        )
+        from_folder = split == "test" and t.test_source.startswith("folder ")  # else carved from the train folder
+        source = t.test_source.removeprefix("folder ").split(";")[0] if from_folder else str(t.train_root)
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; MLflow warns, then picks
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(table, source=source, targets="label", name=f"{t.name}-{split}")
+        mlflow.log_input(ds, context=names.get(split, split))
