@@ -139,7 +139,9 @@ def _overrides(**kw) -> dict:
         "epochs": "training.epochs",
         "max_trials": "search.max_trials",
     }
-    return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
+    # a path on the command line is the user's, relative to where they are (a path in the recipe file is relative to
+    # the recipe's folder)
+    return {keys[k]: (str(v.resolve()) if isinstance(v, Path) else v) for k, v in kw.items() if v is not None}
 
 
 def _load(recipe: Path, overrides: dict):
@@ -258,7 +260,7 @@ def tune(
             continue
         t = res["test"]
         acc = (
-            f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci_low']:.3f}, {t['accuracy_ci_high']:.3f}]"
+            f"test accuracy {t['accuracy']:.3f} [exact 95% CI {t['accuracy_cp_low']:.3f}, {t['accuracy_cp_high']:.3f}]"
             if t
             else "no test split"
         )

@@ -133,3 +133,26 @@ def test_reliability_figure_draws_one_line_per_curve_plus_the_diagonal():
 def test_fit_temperature_rejects_labels_out_of_range():
     with pytest.raises(ValueError):
         calibration.fit_temperature(np.array([[0.5, 0.5]]), np.array([2]))
+
+
+def test_stage_keeps_temperature_one_when_every_out_of_fold_prediction_is_right(tmp_path):
+    """No wrong image: the log loss falls without end as T shrinks, so a fit would run to its bound (0 or 1 out)."""
+    import types
+
+    import mlflow
+
+    from harness.evaluation.calibration import fit_temperature
+    from harness.stages.calibrate import fitted_temperature
+
+    y = np.repeat(np.arange(4), 9)
+    p = np.full((36, 4), 0.1)
+    p[np.arange(36), y] = 0.7
+    assert fit_temperature(p, y) < 0.06  # what the unguarded fit gives: the bound
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    with mlflow.start_run() as run:
+        t = fitted_temperature(types.SimpleNamespace(mcfg=types.SimpleNamespace(key="m")), p, y)
+    assert t == 1.0
+    assert (
+        "all 36 out-of-fold predictions right"
+        in mlflow.get_run(run.info.run_id).data.tags["calibration.temperature.skipped"]
+    )

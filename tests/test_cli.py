@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -66,3 +67,17 @@ def test_the_quiet_tensorflow_import_keeps_every_other_stderr_line(tmp_path, mon
         [sys.executable, "-c", "import harness.cli, tensorflow"], env=env, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and res.stderr == "real trouble\n", res.stderr
+
+
+def test_a_relative_data_root_on_the_command_line_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    """A path in the recipe file is relative to the recipe's folder; one the user types, to where they are."""
+    from harness.cli import _overrides
+    from harness.recipe import load_recipe
+
+    from conftest import write_recipe
+
+    (tmp_path / "recipes").mkdir()
+    recipe = write_recipe(tmp_path / "recipes" / "r.yaml")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(recipe, _overrides(data_root=Path("../shared/data")))
+    assert Path(loaded.data.root) == (tmp_path / "../shared/data").resolve()

@@ -5,6 +5,7 @@ in a process that cannot import the harness (nor loads TensorFlow)."""
 import importlib.metadata
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,7 @@ def test_onnx_pyfunc_answers_keras_probabilities_per_class_without_harness_or_te
     uris = {head: log_onnx_pyfunc(e["path"], e["classes"]) for head, e in exported.items()}
     res = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_HARNESS, str(tmp_path / "x.npy"), *uris.values()],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},  # the store the models were logged in
         capture_output=True,
         text=True,
         timeout=300,

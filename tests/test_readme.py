@@ -61,6 +61,9 @@ def _env_as_after_make_demo(clone: Path) -> dict:
     return {**env, "PWD": str(clone)}
 
 
+CLASSES = ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
+
+
 def test_readme_champion_uris_name_the_registered_model_that_holds_the_alias():
     # crown_champions puts `champion` on `<study>-<task>`, never on a per-backbone `<study>-<task>-<backbone>`.
     holders = {f"{DEMO.study}-{task}" for task in DEMO.tasks}
@@ -80,8 +83,9 @@ def test_readme_python_serving_snippet_predicts_every_class_for_a_demo_image(dem
     )
     assert res.returncode == 0, res.stderr[-3000:]
     probs = json.loads(res.stdout.split("PROBS", 1)[1])
-    assert probs["columns"] == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"] and len(probs["data"]) == 1
-    assert sum(probs["data"][0]) == pytest.approx(1.0, abs=1e-5)
+    # the class probabilities (calibrated), then the demo recipe's operating point's call on covid
+    assert probs["columns"] == [*CLASSES, "decision"] and len(probs["data"]) == 1
+    assert sum(probs["data"][0][:4]) == pytest.approx(1.0, abs=1e-5) and probs["data"][0][4] in (0, 1)
 
 
 def _free_port() -> int:
@@ -115,8 +119,8 @@ def test_readme_predict_serve_and_curl_blocks_answer_for_a_demo_image(demo_clone
         server.wait(timeout=30)
     assert res.returncode == 0, res.stderr[-3000:]
     (row,) = json.loads(res.stdout)["predictions"]
-    assert sorted(row) == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
-    assert sum(row.values()) == pytest.approx(1.0, abs=1e-5)
+    assert sorted(row) == sorted([*CLASSES, "decision"])
+    assert sum(row[c] for c in CLASSES) == pytest.approx(1.0, abs=1e-5) and row["decision"] in (0, 1)
     predicted = (demo_clone / "predictions.csv").read_text().splitlines()
     assert len(predicted) == 1 + DEMO.data.synthetic.per_class  # the header and every image of the covid folder
 

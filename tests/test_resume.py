@@ -86,7 +86,7 @@ def test_resume_skips_a_finished_search_and_registers_nothing_twice(tmp_path, ml
 
 @pytest.mark.slow
 def test_a_refit_cut_short_is_done_again_once_without_rerunning_trials(tmp_path, mlflow_client, monkeypatch):
-    import harness.study.run as study
+    import harness.stages.search as study  # the stage that calls finish
 
     path = write_recipe(tmp_path / "r.yaml")
     real = study.finish

@@ -14,7 +14,7 @@ import logging
 import mlflow
 import numpy as np
 
-from harness.evaluation.calibration import apply_temperature, calibration_metrics, fit_temperature
+from harness.evaluation.calibration import T_BOUNDS, apply_temperature, calibration_metrics, fit_temperature
 from harness.evaluation.clinical import operating_metrics, threshold_for_sensitivity
 from harness.evaluation.metrics import metrics, prediction_rows
 from harness.features.prepared import Prepared
@@ -33,12 +33,7 @@ def calibrate(
     splits and the `model_config` entries the logged model applies (`temperature`, `operating_point`)."""
     t, ev, seed = prep.task, prep.recipe.evaluation, prep.recipe.data.seed
     y_val = t.y[val_idx]
-    temperature = 1.0
-    if ev.calibrate and len(val_idx) >= MIN_CALIBRATION_IMAGES:
-        temperature = fit_temperature(val_proba, y_val)
-        log.info("%s: temperature %.3f (fitted on %d out-of-fold images)", prep.mcfg.key, temperature, len(val_idx))
-    elif ev.calibrate:
-        log.warning("%s: %d out-of-fold images: no temperature fitted (T = 1)", prep.mcfg.key, len(val_idx))
+    temperature = fitted_temperature(prep, val_proba, y_val) if ev.calibrate else 1.0
     mlflow.log_metric(schema.TEMPERATURE, temperature)
     scored = {"val": (val_idx, val_proba)}
     if test_proba is not None and len(test_idx):
@@ -60,6 +55,27 @@ def calibrate(
     if op is not None:
         served["operating_point"] = op
     return rows, served
+
+
+def fitted_temperature(prep: Prepared, proba: np.ndarray, y: np.ndarray) -> float:
+    """The temperature of the out-of-fold predictions, or 1 (said in the log and a tag) where none is defined: too
+    few images, or no image wrong — then the log loss falls without end as T shrinks, and a fit would run to its bound
+    and turn every probability into 0 or 1."""
+    why = None
+    if len(y) < MIN_CALIBRATION_IMAGES:
+        why = f"{len(y)} out-of-fold images (fewer than {MIN_CALIBRATION_IMAGES})"
+    elif (proba.argmax(axis=1) == y).all():
+        why = f"all {len(y)} out-of-fold predictions right: no temperature is defined"
+    else:
+        t = fit_temperature(proba, y)
+        if not T_BOUNDS[0] * 1.1 < t < T_BOUNDS[1] / 1.1:  # the bounded search stops near, not at, the bound
+            why = f"the fit ran to its bound ({t:.3g})"
+        else:
+            log.info("%s: temperature %.3f (fitted on %d out-of-fold images)", prep.mcfg.key, t, len(y))
+            return t
+    log.warning("%s: no temperature fitted (T = 1): %s", prep.mcfg.key, why)
+    mlflow.set_tag(f"{schema.TEMPERATURE}.skipped", why)
+    return 1.0
 
 
 def operating_point(prep: Prepared, scored: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict | None:
