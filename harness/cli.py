@@ -20,7 +20,7 @@ from rich.table import Table
 
 from harness import tfquiet
 from harness.errors import HarnessError
-from harness.study.resume import Interrupted, graceful_interrupts
+from harness.process import Interrupted, graceful_interrupts
 
 # Before any command imports TensorFlow: its start-up lines are noise to a user, and HARNESS_DEBUG=1 keeps them.
 if not os.environ.get("HARNESS_DEBUG"):
@@ -506,7 +506,7 @@ def weights_fetch(
 
 
 def _distributed(workers: int, chief: bool, port: int, bind: str, worker_timeout: float):
-    from harness.study.workers import Distributed
+    from harness.training.distributed import Distributed
 
     if not workers and not chief:
         return None

@@ -202,7 +202,7 @@ def test_a_workers_call_in_flight_when_the_chief_dies_is_answered_by_the_restart
     import keras_tuner as kt
     from keras_tuner.src import protos
 
-    from harness.study.workers import patient_stub
+    from harness.training.distributed import patient_stub
 
     port = _port()
     first = subprocess.Popen(

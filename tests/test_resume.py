@@ -220,7 +220,7 @@ def test_disk_full_while_logging_the_final_model_fails_it_in_one_line_and_resume
 def test_read_only_tuner_folder_stops_the_search_and_resume_loses_nothing(
     tmp_path, harness_home, mlflow_client, monkeypatch
 ):
-    import harness.study.resume as resume
+    import harness.process as resume
 
     path = write_recipe(tmp_path / "r.yaml", **{"search.max_trials": 3})
     real, saves = resume.atomic_json, []

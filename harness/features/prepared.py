@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from harness.data import TaskData, prepare_task
-from harness.features.store import Features, features_for
+from harness.features.store import Features, features_for, rows
 from harness.models import assemble, build_backbone, build_head
 from harness.models.backbones import SPECS, WeightsInfo
 from harness.models.heads import fixed_views, random_views
@@ -97,8 +97,6 @@ class Prepared:
     def take(self, idx: np.ndarray, pooling: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of some images, in memory: pooled vectors or maps of the cached features for a head, images for
         a full model."""
-        from harness.training.fit import rows
-
         return rows(self.source(pooling), np.asarray(idx)), self.task.y[idx]
 
     def read_test(self) -> np.ndarray:

@@ -263,3 +263,9 @@ def features_for(
     state = "hit" if not missing else ("miss" if len(missing) == len(task.sha1s) else "partial")
     info = {"feature_cache": state, "extracted": extracted, "extract_seconds": time.perf_counter() - t0}
     return Features(shelf, list(task.sha1s), pooled, map_shape, info, reextract=reextract), info
+
+
+def rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows of a host array (read from disk when memory-mapped); float16 feature maps come back as float32."""
+    out = np.asarray(x[idx])
+    return out.astype(np.float32) if out.dtype == np.float16 else out

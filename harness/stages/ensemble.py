@@ -22,13 +22,13 @@ from harness.errors import HarnessError
 from harness.evaluation.metrics import as_proba, confusion_figure, log_predictions, prediction_rows, read_predictions
 from harness.features.prepared import Prepared
 from harness.models.heads import average
+from harness.process import check_interrupt
 from harness.recipe import EnsembleConfig, ModelConfig, Recipe
 from harness.serving.flavor import log_classifier
 from harness.stages.calibrate import calibrate
 from harness.stages.export import export_final
 from harness.stages.finalize import log_gradcam, log_split_metrics
 from harness.stages.search import summary_of
-from harness.study.resume import check_interrupt
 from harness.tracking import runs as tracking
 from harness.tracking import schema
 

@@ -12,12 +12,12 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.features.prepared import Prepared
+from harness.process import check_interrupt
 from harness.stages.finalize import FinalModel, finish, fit_best, log_final_fit, registered_name
 from harness.stages.finetune import finetune_stage
-from harness.study.resume import check_interrupt
-from harness.study.workers import Distributed, serve
 from harness.tracking import runs as tracking
 from harness.tracking import schema
+from harness.training.distributed import Distributed, serve
 from harness.training.search import (
     HeadHyperModel,
     best_of,

@@ -34,7 +34,7 @@ class Walk:
     resuming: bool
     folds: list
     max_trials: int
-    dist: object | None = None  # harness.study.workers.Distributed when the search is served to workers
+    dist: object | None = None  # harness.training.distributed.Distributed when the search is served to workers
     supervise: Callable | None = None
     result: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)

@@ -14,16 +14,18 @@ import mlflow
 from harness.errors import HarnessError
 from harness.features.prepared import Prepared, prepare
 from harness.paths import get_paths
+from harness.process import atomic_json, check_interrupt
 from harness.recipe import ModelConfig, Recipe
 from harness.stages.champion import crown_study
 from harness.stages.ensemble import build_ensembles
 from harness.stages.model_card import write_cards
 from harness.stages.search import summary_of
 from harness.study.plan import DISCARDED_KINDS, STAGE_KINDS, STAGES, Walk
-from harness.study.resume import StudyLock, atomic_json, changed_parts, check_interrupt, fingerprint
-from harness.study.workers import Distributed, LocalWorkers
+from harness.study.resume import StudyLock, changed_parts, fingerprint
+from harness.study.workers import LocalWorkers
 from harness.tracking import runs as tracking
 from harness.tracking import schema
+from harness.training.distributed import Distributed
 from harness.training.search import (
     HeadHyperModel,
     make_tuner,
@@ -148,7 +150,8 @@ def work(
     chief's next search, until the chief says the study is done. Returns the number of searches it worked on."""
     import os
 
-    from harness.study.workers import Heartbeat, patient_stub, serving_search, study_done
+    from harness.study.workers import serving_search, study_done
+    from harness.training.distributed import Heartbeat, patient_stub
 
     if "chief" in worker_id:  # Keras Tuner takes any id containing "chief" for the chief
         raise HarnessError(f"--worker {worker_id}: a worker's id must not contain 'chief'")

@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from harness.paths import get_paths
-from harness.study.resume import pid_alive
+from harness.process import pid_alive
 from harness.tracking import schema
 
 

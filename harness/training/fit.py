@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from harness.features.store import rows
 from harness.recipe import minimised
 
 
@@ -450,12 +451,6 @@ class _GroupLoop:
 
 def mean_logs(logs: list[dict]) -> dict:
     return {k: float(np.mean([lg[k] for lg in logs])) for k in logs[0]}
-
-
-def rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Rows of a host array (read from disk when memory-mapped); float16 feature maps come back as float32."""
-    out = np.asarray(x[idx])
-    return out.astype(np.float32) if out.dtype == np.float16 else out
 
 
 def make_evaluator(model: keras.Model, x_t, y_t, idx: np.ndarray, n_classes: int, batch_size: int = 256):

@@ -23,8 +23,8 @@ import numpy as np
 from harness.data.splits import cv_folds
 from harness.errors import HarnessError
 from harness.features.prepared import Prepared, refresh_backbone
+from harness.process import STOP, atomic_json, check_interrupt
 from harness.recipe import FloatRange, HeadConfig, SearchConfig, minimised
-from harness.study.resume import STOP, atomic_json, check_interrupt
 from harness.tracking import runs as tracking
 from harness.tracking import schema
 from harness.training.fit import FitResult, Fold, fit_on, optimizer_factory
@@ -377,8 +377,8 @@ def make_tuner(
 ):
     """A Keras Tuner search of the recipe's kind (its oracle built here, with atomic state files), tracked in MLflow
     under `parent_run_id`, its state in `project_dir` (reloaded when `resume`). `role` "chief" serves the oracle to
-    workers (`harness.study.workers.robust`); any other role is a worker's id: its oracle is the chief's, over gRPC
-    (Keras Tuner swaps it in when KERASTUNER_ORACLE_IP is set), and its state is never overwritten."""
+    workers (`harness.training.distributed.robust`); any other role is a worker's id: its oracle is the chief's, over
+    gRPC (Keras Tuner swaps it in when KERASTUNER_ORACLE_IP is set), and its state is never overwritten."""
     kind = tuner or space.tuner
     kwargs = dict(
         objective=kt.Objective(space.objective, "min" if minimised(space.objective) else "max"),
@@ -391,7 +391,7 @@ def make_tuner(
         kwargs.update(max_trials=max_trials)
     cls = _atomic(ORACLES[kind])
     if role == "chief":
-        from harness.study.workers import robust
+        from harness.training.distributed import robust
 
         # A lost worker's trial is handed to another worker once; failures are counted by the robust oracle,
         # which stops the search instead of raising inside the gRPC handler.
