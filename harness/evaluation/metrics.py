@@ -159,3 +159,12 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def log_split_metrics(prep, name: str, idx: np.ndarray, proba: np.ndarray, seed: int) -> dict:
+    """The metric set of one split's probabilities, logged to the active run as `<name>.<metric>`."""
+    import mlflow
+
+    m = metrics(prep.task.y[idx], proba, prep.task.classes, seed=seed)
+    mlflow.log_metrics({f"{name}.{k}": v for k, v in m.items() if np.isfinite(v)})
+    return m

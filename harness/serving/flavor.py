@@ -74,6 +74,20 @@ def input_example(size: int) -> np.ndarray:
     return np.broadcast_to(ramp[None, None, :, None], (1, size, size, 3)).copy()
 
 
+def signature(classes: list[str], image_size: int, config: dict):
+    """Raw (N, S, S, 3) float32 images in; a probability column per class out, and the `decision` column when the
+    config holds an operating point (`serving_model.answer`)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    outputs = [ColSpec("double", c) for c in classes]
+    if "operating_point" in config:
+        outputs.append(ColSpec("long", "decision"))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, 3))]), outputs=Schema(outputs)
+    )
+
+
 def log_classifier(
     model: keras.Model,
     classes: list[str],
@@ -83,17 +97,9 @@ def log_classifier(
     **config,
 ) -> mlflow.models.model.ModelInfo:
     """Log (and register) a model of raw images as a standard MLflow model in the active run."""
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.models import Model
 
     log.info("Logging the model%s", f" and registering it as {registered_model_name}" if registered_model_name else "")
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, 3))]),
-        outputs=Schema(
-            [ColSpec("double", c) for c in classes]
-            + ([ColSpec("long", "decision")] if "operating_point" in config else [])
-        ),
-    )
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = os.path.join(tmp, "model.keras")
         model.save(keras_file)
@@ -104,7 +110,7 @@ def log_classifier(
             python_model=str(SERVING_CODE),
             artifacts={"keras_model": keras_file},
             model_config={"classes": list(classes), "image_size": image_size, "colour": colour, **config},
-            signature=signature,
+            signature=signature(classes, image_size, config),
             input_example=input_example(image_size),
             registered_model_name=registered_model_name,
             pip_requirements=requirements(),
@@ -114,20 +120,12 @@ def log_classifier(
 def log_onnx(path, classes: list[str], image_size: int, colour: str, **config) -> mlflow.models.model.ModelInfo:
     """Log an ONNX export as the pyfunc `onnx` of the active run: the same models-from-code file on ONNX Runtime,
     answering exactly as the Keras model's pyfunc (class columns, calibration, decision); it needs no TensorFlow."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    outputs = [ColSpec("double", c) for c in classes]
-    if "operating_point" in config:
-        outputs.append(ColSpec("long", "decision"))
     return mlflow.pyfunc.log_model(
         name="onnx",
         python_model=str(SERVING_CODE),
         artifacts={"onnx_model": str(path)},
         model_config={"classes": list(classes), "image_size": image_size, "colour": colour, **config},
-        signature=ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype("float32"), (-1, image_size, image_size, 3))]), outputs=Schema(outputs)
-        ),
+        signature=signature(classes, image_size, config),
         input_example=input_example(image_size),
         pip_requirements=[
             f"mlflow=={mlflow.__version__}",

@@ -16,7 +16,7 @@ import numpy as np
 
 from harness.evaluation.calibration import T_BOUNDS, apply_temperature, calibration_metrics, fit_temperature
 from harness.evaluation.clinical import operating_metrics, threshold_for_sensitivity
-from harness.evaluation.metrics import metrics, prediction_rows
+from harness.evaluation.metrics import log_split_metrics, prediction_rows
 from harness.features.prepared import Prepared
 from harness.tracking import schema
 
@@ -44,8 +44,7 @@ def calibrate(
         if ev.calibrate:
             cal = apply_temperature(proba, temperature)
             name = f"{split}{schema.CALIBRATED}"
-            m = metrics(t.y[idx], cal, t.classes, seed=seed)
-            mlflow.log_metrics({f"{name}.{k}": v for k, v in m.items() if np.isfinite(v)})
+            log_split_metrics(prep, name, idx, cal, seed)
             mlflow.log_metrics(calibration_metrics(cal, t.y[idx], prefix=f"{name}.", seed=seed))
             rows += prediction_rows(t, idx, cal, name)
             scored[split] = (idx, cal)

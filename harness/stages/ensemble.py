@@ -19,7 +19,14 @@ import yaml
 
 from harness.data import TaskData, prepare_task
 from harness.errors import HarnessError
-from harness.evaluation.metrics import as_proba, confusion_figure, log_predictions, prediction_rows, read_predictions
+from harness.evaluation.metrics import (
+    as_proba,
+    confusion_figure,
+    log_predictions,
+    log_split_metrics,
+    prediction_rows,
+    read_predictions,
+)
 from harness.features.prepared import Prepared
 from harness.models.heads import average
 from harness.process import check_interrupt
@@ -27,7 +34,7 @@ from harness.recipe import EnsembleConfig, ModelConfig, Recipe
 from harness.serving.flavor import log_classifier
 from harness.stages.calibrate import calibrate
 from harness.stages.export import export_final
-from harness.stages.finalize import log_gradcam, log_split_metrics
+from harness.stages.finalize import log_gradcam
 from harness.stages.search import summary_of
 from harness.tracking import runs as tracking
 from harness.tracking import schema
@@ -236,21 +243,18 @@ def record(
         mlflow.log_metric(f"{schema.SEARCH_PREFIX}{objective}", score)
         test, test_rows, (test_idx, test_proba) = evaluate_test(prep, model, tmp)
         calibrated_rows, served = calibrate(prep, idx, val_proba, test_idx, test_proba)
-        calibrated_rows += export_final(prep, model, test_idx, served, tmp)
+        # the one model_config of the Keras model and its ONNX export
+        config = {
+            "study": recipe.study,
+            "model_key": e.key,
+            "backbone": backbones,
+            "members": list(e.members),
+            **served,
+        }
+        calibrated_rows += export_final(prep, model, test_idx, config, tmp)
         log_predictions(prediction_rows(t, idx, val_proba, "val") + test_rows + calibrated_rows)
         log_member_artifacts(e, finals, tmp)
-        log_classifier(
-            model,
-            t.classes,
-            prep.image_size,
-            prep.colour,
-            register_as,
-            study=recipe.study,
-            model_key=e.key,
-            backbone=backbones,
-            members=list(e.members),
-            **served,
-        )
+        log_classifier(model, t.classes, prep.image_size, prep.colour, register_as, **config)
     log.info("ensemble %s: %s %.4f on its members' validation images", e.key, objective, score)
     return {
         "final_run_id": run.info.run_id,

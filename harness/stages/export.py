@@ -11,7 +11,7 @@ import keras
 import mlflow
 import numpy as np
 
-from harness.evaluation.metrics import as_proba, metrics, prediction_rows
+from harness.evaluation.metrics import as_proba, log_split_metrics, prediction_rows
 from harness.features.prepared import Prepared
 from harness.serving import onnx as ox
 from harness.serving.flavor import log_onnx
@@ -20,8 +20,9 @@ from harness.tracking import schema
 log = logging.getLogger(__name__)
 
 
-def export_final(prep: Prepared, model: keras.Model, test: np.ndarray, served: dict, tmp: Path) -> list[dict]:
-    """Export, check, log and time the final model; returns the INT8 variant's test prediction rows (if asked)."""
+def export_final(prep: Prepared, model: keras.Model, test: np.ndarray, config: dict, tmp: Path) -> list[dict]:
+    """Export, check, log and time the final model; `config`: the model_config entries the Keras model is logged with
+    (study, key, backbone, temperature, operating point). Returns the INT8 variant's test prediction rows (if asked)."""
     cfg, t, size = prep.recipe.export, prep.task, prep.image_size
     if not cfg.onnx:
         return []
@@ -31,24 +32,14 @@ def export_final(prep: Prepared, model: keras.Model, test: np.ndarray, served: d
     diff = ox.parity(model, ox.session(path), images)
     mlflow.log_metric(schema.ONNX_PARITY, diff)
     ox.check_parity(diff, path)
-    log_onnx(
-        path,
-        t.classes,
-        size,
-        prep.colour,
-        study=prep.recipe.study,
-        model_key=prep.mcfg.key,
-        backbone=prep.mcfg.backbone,
-        **served,
-    )
+    log_onnx(path, t.classes, size, prep.colour, **config)
     rows, int8 = [], None
     if cfg.int8:
         int8 = ox.quantize_int8(path, tmp / "model.int8.onnx")
         if len(test):
             proba = as_proba(ox.run(ox.session(int8), images), prep.n_classes)
             name = f"test{schema.INT8}"
-            m = metrics(t.y[test], proba, t.classes, seed=prep.recipe.data.seed)
-            mlflow.log_metrics({f"{name}.{k}": v for k, v in m.items() if np.isfinite(v)})
+            log_split_metrics(prep, name, test, proba, prep.recipe.data.seed)
             rows = prediction_rows(t, test, proba, name)
     keras_file = tmp / "model.keras"
     model.save(keras_file)

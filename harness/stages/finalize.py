@@ -18,7 +18,13 @@ import keras
 import mlflow
 import numpy as np
 
-from harness.evaluation.metrics import as_proba, confusion_figure, log_predictions, metrics, prediction_rows
+from harness.evaluation.metrics import (
+    as_proba,
+    confusion_figure,
+    log_predictions,
+    log_split_metrics,
+    prediction_rows,
+)
 from harness.features.prepared import Prepared, full_model, refresh_backbone
 from harness.features.store import extract
 from harness.models.backbones import SPECS
@@ -245,13 +251,14 @@ def finish(prep: Prepared, final: FinalModel, register_as: str | None = None) ->
             rows += calibrated_rows
         else:
             log.warning("%s: no out-of-fold predictions (final %s): not calibrated", prep.mcfg.key, final.mode)
-        rows += export_final(prep, full, test, served, tmp)
+        config = logged_config(prep, served)
+        rows += export_final(prep, full, test, config, tmp)
         mlflow.log_metric("test_reads", prep.test_reads)
         log_predictions(rows)
         t1 = time.perf_counter()
         log_embeddings(prep, final, tmp)
     t2 = time.perf_counter()
-    log_full_model(prep, full, register_as, served)
+    log_full_model(prep, full, register_as, config)
     mlflow.log_metrics(
         {"evaluate_seconds": t1 - t0, "embed_seconds": t2 - t1, "log_model_seconds": time.perf_counter() - t2}
     )
@@ -375,15 +382,14 @@ def log_gradcam(prep: Prepared, model: keras.Model, test: np.ndarray, proba: np.
     mlflow.log_metrics({f"gradcam.outside.{c}": v for c, v in per_class.items()})
 
 
-def log_split_metrics(prep: Prepared, name: str, idx: np.ndarray, proba: np.ndarray, seed: int) -> dict:
-    m = metrics(prep.task.y[idx], proba, prep.task.classes, seed=seed)
-    mlflow.log_metrics({f"{name}.{k}": v for k, v in m.items() if np.isfinite(v)})
-    return m
+def logged_config(prep: Prepared, served: dict) -> dict:
+    """The `model_config` entries of the final model, Keras and ONNX alike: what it is, and the temperature and
+    operating point it applies (`harness.stages.calibrate`)."""
+    return {"study": prep.recipe.study, "model_key": prep.mcfg.key, "backbone": prep.mcfg.backbone, **served}
 
 
-def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None, served: dict | None = None) -> None:
-    """The final model as a standard MLflow model (loadable and servable without the harness), registered; `served`:
-    the temperature and operating point it applies (`harness.stages.calibrate`)."""
+def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None, config: dict) -> None:
+    """The final model as a standard MLflow model (loadable and servable without the harness), registered."""
     from harness.serving.flavor import log_classifier
 
     log_classifier(
@@ -392,10 +398,7 @@ def log_full_model(prep: Prepared, model: keras.Model, register_as: str | None, 
         prep.image_size,
         prep.colour,
         register_as,
-        study=prep.recipe.study,
-        model_key=prep.mcfg.key,
-        backbone=prep.mcfg.backbone,
-        **(served or {}),
+        **config,
     )
 
 

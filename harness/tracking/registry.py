@@ -110,17 +110,21 @@ def crown_champions(study: str, finals: list, *, barred: frozenset[str] = frozen
             c.set_registered_model_alias(task_name, CHAMPION, v.version)
             current = _current(c, task_name)
             log.info("champion of %s: %s (%s %.4f)", task, best.model_key, best.objective, best.value)
-        out[task] = {
-            "uri": f"models:/{task_name}@{CHAMPION}",
-            "version": current.version,
-            "model_key": current.model_key,
-            "source": current.name,
-            "objective": current.objective,
-            "value": current.value,
-            "moved": moved,
-            "candidates": len(cands),
-        }
+        out[task] = {**held(task_name, current, len(cands)), "moved": moved}
     return out
+
+
+def held(task_name: str, current: Candidate, candidates: int) -> dict:
+    """What holds a task's `champion` alias, as the report and the log tell it."""
+    return {
+        "uri": f"models:/{task_name}@{CHAMPION}",
+        "version": current.version,
+        "model_key": current.model_key,
+        "source": current.name,
+        "objective": current.objective,
+        "value": current.value,
+        "candidates": candidates,
+    }
 
 
 def _current(c, task_name: str) -> Candidate | None:
@@ -151,16 +155,8 @@ def champions(study: str, finals: list) -> dict[str, dict]:
         if current is None:
             continue
         best = choose(sorted(cands, key=lambda x: x.model_key))
-        out[task] = {
-            "uri": f"models:/{study}-{task}@{CHAMPION}",
-            "version": current.version,
-            "model_key": current.model_key,
-            "source": current.name,
-            "objective": current.objective,
-            "value": current.value,
-            "best_now": current.run_id == best.run_id or not best.better_than(current),
-            "candidates": len(cands),
-        }
+        best_now = current.run_id == best.run_id or not best.better_than(current)
+        out[task] = {**held(f"{study}-{task}", current, len(cands)), "best_now": best_now}
     return out
 
 
